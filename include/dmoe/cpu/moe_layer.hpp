@@ -1,0 +1,376 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// The dmoe::cpu specialisation of moe_layer: Eigen kernels, executor threads.
+///
+/// forward(x) does, with no heap allocation:
+///  1. route: router products per chunk of tokens, per-token selection, compressed plan;
+///  2. dispatch: counting sort of the plan's slots into expert-major order, stable in token order;
+///  3. experts: tasks of up to rows_per_task rows of one expert: gather the token rows, GEMM with
+///     W1_e onto b1_e, activation, GEMM with W2_e onto b2_e, into the slot's row of `out`;
+///  4. combine: per token, y = b2 + sum over its slots in slot order of w_s * out[slot].
+/// No atomics on data, task boundaries independent of the thread count: results are bitwise
+/// identical for any executor. Everything step 3 writes stays in the workspace for backward.
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "../core/backend.hpp"
+#include "../core/extents.hpp"
+#include "../core/status.hpp"
+#include "../core/views.hpp"
+#include "../core/workspace.hpp"
+#include "../experts/activation.hpp"
+#include "../experts/expert_weights.hpp"
+#include "../layer/moe_layer.hpp"
+#include "../routing/plan.hpp"
+#include "../routing/stats.hpp"
+#include "gemm.hpp"
+#include "route.hpp"
+
+namespace dmoe {
+namespace cpu_detail {
+
+/// Applies the activation on one task's rows: post = act(pre) (gated: act(gate) * up).
+template <class Act, class T>
+void activate_rows(const T* pre, T* post, index_t rows, index_t n, index_t ld) noexcept {
+  using Arr = Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using CMap = Eigen::Map<const Arr, 0, Eigen::OuterStride<>>;
+  using MMap = Eigen::Map<Arr, 0, Eigen::OuterStride<>>;
+  MMap out(post, rows, n, Eigen::OuterStride<>(ld));
+  if constexpr (Act::gated) {
+    CMap gate(pre, rows, n, Eigen::OuterStride<>(ld));
+    CMap up(pre + n, rows, n, Eigen::OuterStride<>(ld));
+    out = gate;
+    Act::base::apply_inplace(out);
+    out *= up;
+  } else {
+    out = CMap(pre, rows, n, Eigen::OuterStride<>(ld));
+    Act::apply_inplace(out);
+  }
+}
+
+/// Where every buffer of a layer call lives in the workspace. The same routine computes the
+/// size (null base) and the pointers (real base), so they cannot disagree.
+template <class T>
+struct layer_buffers {
+  routing_plan<T> plan;
+  router_buffers<T> router;
+  index_t* expert_offsets = nullptr;  ///< (E + 1) start of each expert's rows in sorted order
+  index_t* sorted_token = nullptr;    ///< (nnz_max) token of each sorted row
+  index_t* sorted_slot = nullptr;     ///< (nnz_max) plan slot of each sorted row
+  index_t* slot_pos = nullptr;        ///< (nnz_max) sorted row of each plan slot
+  index_t* task_expert = nullptr;     ///< (max_tasks)
+  index_t* task_begin = nullptr;      ///< (max_tasks) first sorted row of the task
+  T* hidden = nullptr;                ///< (nnz_max, hidden_ld): [pre-activation (f n) | post (n)]
+  T* out = nullptr;                   ///< (nnz_max, d): expert output per sorted row (b2_e included)
+  worker_scratch<T> gather;           ///< per worker (rows_per_task, d)
+  worker_scratch<T> pack;             ///< per worker GEMM packing panels
+  index_t hidden_ld = 0;
+};
+
+struct layer_dims {
+  index_t d = 0, E = 0, n = 0, f = 1, max_k = 0, router_hidden = 0, pack_elems = 0;
+};
+
+inline index_t round16(index_t v) noexcept { return (v + 15) / 16 * 16; }
+
+template <class T>
+layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t tokens, index_t threads) noexcept {
+  layer_buffers<T> b;
+  const index_t nnz_max = tokens * dm.max_k;
+  const index_t max_tasks = dm.E + (nnz_max + rows_per_task - 1) / rows_per_task;
+  b.plan.tokens = tokens;
+  b.plan.num_experts = dm.E;
+  b.plan.token_offsets = c.take<index_t>(tokens + 1);
+  b.plan.expert = c.take<std::int32_t>(nnz_max);
+  b.plan.weight = c.take<T>(nnz_max);
+  b.router.scores = c.take<T>(tokens * dm.E);
+  b.router.hidden = c.take<T>(tokens * dm.router_hidden);
+  b.router.token_aux = c.take<T>(tokens);
+  b.router.expert_aux = c.take<T>(dm.E);
+  b.expert_offsets = c.take<index_t>(dm.E + 1);
+  b.sorted_token = c.take<index_t>(nnz_max);
+  b.sorted_slot = c.take<index_t>(nnz_max);
+  b.slot_pos = c.take<index_t>(nnz_max);
+  b.task_expert = c.take<index_t>(max_tasks);
+  b.task_begin = c.take<index_t>(max_tasks);
+  b.hidden_ld = dm.f * dm.n + dm.n;
+  b.hidden = c.take<T>(nnz_max * b.hidden_ld);
+  b.out = c.take<T>(nnz_max * dm.d);
+  b.gather.stride = round16(rows_per_task * dm.d);
+  b.gather.base = c.take<T>(threads * b.gather.stride);
+  b.pack.stride = round16(dm.pack_elems);
+  b.pack.base = c.take<T>(threads * b.pack.stride);
+  return b;
+}
+
+}  // namespace cpu_detail
+
+/// MoE layer on the CPU. See layer/moe_layer.hpp for the template parameters.
+///
+/// Thread safety: const methods (forward) may run concurrently with distinct workspaces.
+/// Determinism: output bits do not depend on the executor or its thread count.
+template <class T, class Policy, class Activation, std::size_t Experts, std::size_t Width>
+class moe_layer<T, cpu, Policy, Activation, Experts, Width>
+    : detail::layer_checks<T, Policy, Activation, Experts, Width> {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "dmoe::moe_layer<T, dmoe::cpu, ...>: the CPU backend computes in float or double; 16-bit "
+                "storage types are for the CUDA backend");
+
+ public:
+  using scalar_type = T;
+  using backend_type = cpu;
+  using policy_type = Policy;
+  using activation_type = Activation;
+  using router_type = typename Policy::template router<T>;
+  using options_type = typename Policy::options;
+
+  /// Builds a layer with zero weights (fill them, or call randomize). Throws dmoe::error on a bad
+  /// configuration, naming the field.
+  moe_layer(const moe_config& cfg, const options_type& opt)
+      : cfg_(checked(cfg)), experts_(make_shape(cfg_)), router_(make_router(cfg_, opt)) {}
+
+  const moe_config& config() const noexcept { return cfg_; }
+  index_t d_model() const noexcept { return cfg_.d_model; }
+  index_t num_experts() const noexcept { return experts_extent_.value(); }
+  index_t expert_width() const noexcept { return width_extent_.value(); }
+
+  expert_weights<T>& experts() noexcept { return experts_; }
+  const expert_weights<T>& experts() const noexcept { return experts_; }
+  router_type& router() noexcept { return router_; }
+  const router_type& router() const noexcept { return router_; }
+
+  /// Seeded random weights for experts and router.
+  void randomize(std::uint64_t seed) {
+    experts_.randomize(seed);
+    router_.randomize(seed ^ 0x5eedULL);
+  }
+
+  /// Multiply-add FLOPs of one (token, expert) slot: 2 d n (2, or 3 if gated).
+  double flops_per_slot() const noexcept {
+    return 2.0 * double(cfg_.d_model) * double(cfg_.expert_width) * (Activation::gated ? 3.0 : 2.0);
+  }
+
+  /// Bytes of workspace forward needs for these bounds. Depends on the router's max_k: call again
+  /// after changing the top-k k or the dynamic-k k_max.
+  std::size_t workspace_size(const workspace_bounds& b) const noexcept {
+    detail::carver c;
+    cpu_detail::carve_layer<T>(c, dims(), b.max_tokens, b.max_threads < 1 ? 1 : b.max_threads);
+    return c.bytes();
+  }
+  /// Workspace size for `max_tokens` with the concurrency of ctx's executor.
+  std::size_t workspace_size(const context<cpu>& ctx, index_t max_tokens) const noexcept {
+    return workspace_size(workspace_bounds{max_tokens, ctx.concurrency()});
+  }
+
+  /// y = MoE(x).
+  /// \param x (tokens, d_model) input rows; \param y (tokens, d_model) output rows (not aliasing x)
+  /// \param ws at least workspace_size({tokens, ctx.concurrency()}) bytes; after the call it holds
+  ///        the routing plan (see plan()) and the activations backward needs.
+  /// \param stats optional; must have been constructed with num_experts().
+  status forward(const context<cpu>& ctx, matrix_view<const T> x, matrix_view<T> y, workspace ws,
+                 routing_stats* stats = nullptr) const noexcept {
+    DMOE_TRY(check_io(x, y, ws, ctx.concurrency(), stats));
+    const index_t tokens = x.rows;
+    if (tokens == 0) {
+      if (stats) stats->record(routing_plan<T>{0, num_experts(), nullptr, nullptr, nullptr}, flops_per_slot(), 0.0);
+      return {};
+    }
+    auto b = buffers(ws, tokens, ctx.concurrency());
+    DMOE_TRY(cpu_detail::route(ctx, router_, x, b.plan, b.router, b.pack));
+    const index_t n_tasks = dispatch(b);
+    run_experts(ctx, x, b, n_tasks);
+    combine(ctx, y, b);
+    if (stats) stats->record(b.plan, flops_per_slot(), router_.flops_per_token());
+    return {};
+  }
+
+  /// The routing plan a forward on `tokens` tokens left in `ws`.
+  routing_plan<T> plan(workspace ws, index_t tokens) const noexcept {
+    return buffers(ws, tokens, 1).plan;
+  }
+
+ private:
+  using experts_extent = detail::extent_value<Experts>;
+  using width_extent = detail::extent_value<Width>;
+
+  static moe_config checked(const moe_config& c) {
+    if (c.d_model <= 0)
+      detail::raisef(errc::invalid_argument, "moe_layer: config.d_model must be positive, got %td", c.d_model);
+    if (!experts_extent::accepts(c.num_experts) || c.num_experts > INT32_MAX)
+      detail::raisef(errc::invalid_argument,
+                     "moe_layer: config.num_experts = %td does not fit the layer's Experts extent (%s)",
+                     c.num_experts, Experts == dynamic_extent ? "dynamic: must be in [1, 2^31)" : "static");
+    if (!width_extent::accepts(c.expert_width))
+      detail::raisef(errc::invalid_argument,
+                     "moe_layer: config.expert_width = %td does not fit the layer's Width extent (%s)",
+                     c.expert_width, Width == dynamic_extent ? "dynamic: must be positive" : "static");
+    if (std::is_same_v<Policy, dynamic_k> && c.router_hidden <= 0)
+      detail::raisef(errc::invalid_argument, "moe_layer: config.router_hidden must be positive, got %td",
+                     c.router_hidden);
+    return c;
+  }
+  static expert_shape make_shape(const moe_config& c) {
+    return expert_shape{c.d_model,      c.num_experts,  c.expert_width, Activation::gated,
+                        c.hidden_bias, c.expert_bias, c.output_bias};
+  }
+  static router_type make_router(const moe_config& c, const options_type& opt) {
+    if constexpr (std::is_same_v<Policy, dynamic_k>)
+      return router_type(c.d_model, c.num_experts, opt, c.router_hidden);
+    else
+      return router_type(c.d_model, c.num_experts, opt);
+  }
+
+  cpu_detail::layer_dims dims() const noexcept {
+    cpu_detail::layer_dims dm;
+    dm.d = cfg_.d_model;
+    dm.E = num_experts();
+    dm.n = expert_width();
+    dm.f = width_factor<Activation>;
+    dm.max_k = router_.max_k();
+    dm.router_hidden = cpu_detail::router_hidden_width(router_);
+    dm.pack_elems = std::max(
+        {cpu_detail::router_pack_elems<T>(dm.d, dm.E, dm.router_hidden),
+         cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, dm.f * dm.n, dm.d).pack_elems(),
+         cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, dm.d, dm.n).pack_elems()});
+    return dm;
+  }
+
+  cpu_detail::layer_buffers<T> buffers(workspace ws, index_t tokens, index_t threads) const noexcept {
+    detail::carver c(detail::carver::align(ws.data));
+    return cpu_detail::carve_layer<T>(c, dims(), tokens, threads);
+  }
+
+  status check_io(matrix_view<const T> x, matrix_view<T> y, workspace ws, index_t threads,
+                  const routing_stats* stats) const noexcept {
+    const index_t d = cfg_.d_model;
+    if (x.cols != d)
+      return status::failure(errc::invalid_argument, "moe_layer::forward: x is (%td x %td), expected %td columns (d_model)",
+                             x.rows, x.cols, d);
+    if (y.rows != x.rows || y.cols != d)
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::forward: y is (%td x %td), expected (%td x %td) to match x (tokens x d_model)",
+                             y.rows, y.cols, x.rows, d);
+    if (x.rows < 0) return status::failure(errc::invalid_argument, "moe_layer::forward: x has %td rows", x.rows);
+    if (x.rows > 0 && (x.data == nullptr || y.data == nullptr))
+      return status::failure(errc::invalid_argument, "moe_layer::forward: %s is a null pointer with %td rows",
+                             x.data == nullptr ? "x" : "y", x.rows);
+    if (x.row_stride < d || y.row_stride < d)
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::forward: row strides must be >= d_model = %td, got x %td, y %td", d,
+                             x.row_stride, y.row_stride);
+    if (x.rows > 0 && static_cast<const void*>(x.data) == static_cast<const void*>(y.data))
+      return status::failure(errc::invalid_argument, "moe_layer::forward: y must not alias x");
+    if (stats && stats->num_experts() != num_experts())
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::forward: stats was made for %td experts, the layer has %td "
+                             "(construct routing_stats(layer.num_experts()))",
+                             stats->num_experts(), num_experts());
+    if (x.rows == 0) return {};
+    const std::size_t need = workspace_size(workspace_bounds{x.rows, threads});
+    if (ws.data == nullptr || ws.bytes < need)
+      return status::failure(errc::workspace_too_small,
+                             "moe_layer::forward: workspace has %zu bytes at %p, %td tokens with %td threads need "
+                             "%zu (workspace_size)",
+                             ws.bytes, ws.data, x.rows, threads, need);
+    return {};
+  }
+
+  /// Counting sort of the plan's slots by expert, stable in token order; then the task list.
+  /// Returns the number of tasks.
+  index_t dispatch(cpu_detail::layer_buffers<T>& b) const noexcept {
+    const index_t E = num_experts(), tokens = b.plan.tokens;
+    index_t* off = b.expert_offsets;
+    std::fill(off, off + E + 1, index_t{0});
+    const index_t nnz = b.plan.nnz();
+    for (index_t s = 0; s < nnz; ++s) ++off[b.plan.expert[s] + 1];
+    for (index_t e = 0; e < E; ++e) off[e + 1] += off[e];
+    // Reuse task_begin as the per-expert cursor (it has >= E entries), then build the tasks.
+    index_t* cursor = b.task_begin;
+    std::copy(off, off + E, cursor);
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s) {
+        const index_t pos = cursor[b.plan.expert[s]]++;
+        b.sorted_token[pos] = t;
+        b.sorted_slot[pos] = s;
+        b.slot_pos[s] = pos;
+      }
+    index_t n_tasks = 0;
+    for (index_t e = 0; e < E; ++e)
+      for (index_t r = off[e]; r < off[e + 1]; r += cpu_detail::rows_per_task) {
+        b.task_expert[n_tasks] = e;
+        b.task_begin[n_tasks] = r;
+        ++n_tasks;
+      }
+    return n_tasks;
+  }
+
+  void run_experts(const context<cpu>& ctx, matrix_view<const T> x, const cpu_detail::layer_buffers<T>& b,
+                   index_t n_tasks) const noexcept {
+    const index_t d = cfg_.d_model, n = expert_width(), fn = width_factor<Activation> * n, ld = b.hidden_ld;
+    const auto blk1 = cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, fn, d);
+    const auto blk2 = cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, d, n);
+    ctx.parallel_for(n_tasks, [&](index_t task, index_t worker) noexcept {
+      const index_t e = b.task_expert[task], r0 = b.task_begin[task];
+      const index_t rows = std::min(cpu_detail::rows_per_task, b.expert_offsets[e + 1] - r0);
+      const T* xa;
+      index_t lda;
+      if (rows == 1) {
+        xa = x.row(b.sorted_token[r0]);
+        lda = x.row_stride;
+      } else {
+        T* g = b.gather.get(worker);
+        for (index_t i = 0; i < rows; ++i) {
+          const T* src = x.row(b.sorted_token[r0 + i]);
+          std::copy(src, src + d, g + i * d);
+        }
+        xa = g;
+        lda = d;
+      }
+      T* pre = b.hidden + r0 * ld;
+      T* post = pre + fn;
+      T* pack = b.pack.get(worker);
+      cpu_detail::init_rows_with(pre, rows, fn, ld, experts_.b1_ptr(e));
+      cpu_detail::gemm_acc<cpu_detail::order::col_major>(rows, fn, d, xa, lda, experts_.w1_ptr(e), d, pre, ld, blk1,
+                                                         pack);
+      cpu_detail::activate_rows<Activation>(pre, post, rows, n, ld);
+      T* out = b.out + r0 * d;
+      cpu_detail::init_rows_with(out, rows, d, d, experts_.b2e_ptr(e));
+      cpu_detail::gemm_acc<cpu_detail::order::col_major>(rows, d, n, post, ld, experts_.w2_ptr(e), n, out, d, blk2,
+                                                         pack);
+    });
+  }
+
+  void combine(const context<cpu>& ctx, matrix_view<T> y, const cpu_detail::layer_buffers<T>& b) const noexcept {
+    const index_t d = cfg_.d_model, tokens = b.plan.tokens;
+    const T* b2 = experts_.output_bias_ptr();
+    using Row = Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+    using CRow = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+    const index_t tasks = (tokens + cpu_detail::rows_per_task - 1) / cpu_detail::rows_per_task;
+    ctx.parallel_for(tasks, [&](index_t task, index_t) noexcept {
+      const index_t t0 = task * cpu_detail::rows_per_task, t1 = std::min(tokens, t0 + cpu_detail::rows_per_task);
+      for (index_t t = t0; t < t1; ++t) {
+        Row yt(y.row(t), d);
+        if (b2)
+          yt = CRow(b2, d);
+        else
+          yt.setZero();
+        for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s)
+          yt += b.plan.weight[s] * CRow(b.out + b.slot_pos[s] * d, d);
+      }
+    });
+  }
+
+  moe_config cfg_;
+  experts_extent experts_extent_{cfg_.num_experts};
+  width_extent width_extent_{cfg_.expert_width};
+  expert_weights<T> experts_;
+  router_type router_;
+};
+
+}  // namespace dmoe

@@ -1,0 +1,23 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// Umbrella header of the CPU build (plain C++17, no CUDA).
+
+#include "version.hpp"
+#include "core/backend.hpp"
+#include "core/config.hpp"
+#include "core/executor.hpp"
+#include "core/extents.hpp"
+#include "core/status.hpp"
+#include "core/views.hpp"
+#include "core/workspace.hpp"
+#include "experts/activation.hpp"
+#include "experts/expert_weights.hpp"
+#include "routing/plan.hpp"
+#include "routing/routers.hpp"
+#include "routing/selection.hpp"
+#include "routing/stats.hpp"
+#include "layer/moe_layer.hpp"
+#include "cpu/moe_layer.hpp"
+#include "cpu/dense_ffn.hpp"
