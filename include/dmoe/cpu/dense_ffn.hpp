@@ -18,6 +18,7 @@
 #include "../detail/random.hpp"
 #include "../experts/activation.hpp"
 #include "gemm.hpp"
+#include "kernels.hpp"
 #include "moe_layer.hpp"
 
 namespace dmoe {
@@ -102,12 +103,12 @@ class dense_ffn {
       T* pre = s.hidden.get(worker);
       T* post = pre + fF;
       cpu_detail::init_rows_with(pre, rows, fF, ld, b1_.data());
-      cpu_detail::gemm_acc<cpu_detail::order::col_major>(rows, fF, d, x.row(t0), x.row_stride, w1_.data(), d, pre, ld,
-                                                         blk1, s.pack.get(worker));
+      cpu_detail::product_nt<T>(rows, fF, d, {x.row(t0), x.row_stride, nullptr}, w1_.data(), d, pre, ld,
+                                {nullptr, s.pack.get(worker), blk1});
       cpu_detail::activate_rows<Activation>(pre, post, rows, F, ld);
       for (index_t i = 0; i < rows; ++i) std::copy(b2_.data(), b2_.data() + d, y.row(t0 + i));
-      cpu_detail::gemm_acc<cpu_detail::order::col_major>(rows, d, F, post, ld, w2_.data(), F, y.row(t0), y.row_stride,
-                                                         blk2, s.pack.get(worker));
+      cpu_detail::product_nt<T>(rows, d, F, {post, ld, nullptr}, w2_.data(), F, y.row(t0), y.row_stride,
+                                {nullptr, s.pack.get(worker), blk2});
     });
     return {};
   }

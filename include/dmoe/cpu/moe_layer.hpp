@@ -7,8 +7,9 @@
 /// forward(x) does, with no heap allocation:
 ///  1. route: router products per chunk of tokens, per-token selection, compressed plan;
 ///  2. dispatch: counting sort of the plan's slots into expert-major order, stable in token order;
-///  3. experts: tasks of up to rows_per_task rows of one expert: gather the token rows, GEMM with
-///     W1_e onto b1_e, activation, GEMM with W2_e onto b2_e, into the slot's row of `out`;
+///  3. experts: tasks of up to rows_per_task rows of one expert: product of the token rows (read
+///     in place through the sorted index) with W1_e onto b1_e, activation, product with W2_e onto
+///     b2_e, into the slot's row of `out` (cpu/kernels.hpp);
 ///  4. combine: per token, y = b2 + sum over its slots in slot order of w_s * out[slot].
 /// No atomics on data, task boundaries independent of the thread count: results are bitwise
 /// identical for any executor. Everything step 3 writes stays in the workspace for backward.
@@ -30,6 +31,7 @@
 #include "../routing/plan.hpp"
 #include "../routing/stats.hpp"
 #include "gemm.hpp"
+#include "kernels.hpp"
 #include "route.hpp"
 
 namespace dmoe {
@@ -318,31 +320,17 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     ctx.parallel_for(n_tasks, [&](index_t task, index_t worker) noexcept {
       const index_t e = b.task_expert[task], r0 = b.task_begin[task];
       const index_t rows = std::min(cpu_detail::rows_per_task, b.expert_offsets[e + 1] - r0);
-      const T* xa;
-      index_t lda;
-      if (rows == 1) {
-        xa = x.row(b.sorted_token[r0]);
-        lda = x.row_stride;
-      } else {
-        T* g = b.gather.get(worker);
-        for (index_t i = 0; i < rows; ++i) {
-          const T* src = x.row(b.sorted_token[r0 + i]);
-          std::copy(src, src + d, g + i * d);
-        }
-        xa = g;
-        lda = d;
-      }
       T* pre = b.hidden + r0 * ld;
       T* post = pre + fn;
-      T* pack = b.pack.get(worker);
+      const cpu_detail::product_scratch<T> scratch1{b.gather.get(worker), b.pack.get(worker), blk1};
+      const cpu_detail::product_scratch<T> scratch2{nullptr, b.pack.get(worker), blk2};
       cpu_detail::init_rows_with(pre, rows, fn, ld, experts_.b1_ptr(e));
-      cpu_detail::gemm_acc<cpu_detail::order::col_major>(rows, fn, d, xa, lda, experts_.w1_ptr(e), d, pre, ld, blk1,
-                                                         pack);
+      cpu_detail::product_nt<T>(rows, fn, d, {x.data, x.row_stride, b.sorted_token + r0}, experts_.w1_ptr(e), d, pre,
+                                ld, scratch1);
       cpu_detail::activate_rows<Activation>(pre, post, rows, n, ld);
       T* out = b.out + r0 * d;
       cpu_detail::init_rows_with(out, rows, d, d, experts_.b2e_ptr(e));
-      cpu_detail::gemm_acc<cpu_detail::order::col_major>(rows, d, n, post, ld, experts_.w2_ptr(e), n, out, d, blk2,
-                                                         pack);
+      cpu_detail::product_nt<T>(rows, d, n, {post, ld, nullptr}, experts_.w2_ptr(e), n, out, d, scratch2);
     });
   }
 

@@ -18,6 +18,7 @@
 #include "../routing/routers.hpp"
 #include "../routing/selection.hpp"
 #include "gemm.hpp"
+#include "kernels.hpp"
 
 namespace dmoe::cpu_detail {
 
@@ -111,8 +112,8 @@ status route(const context<cpu>& ctx, const top_k_router<T>& router, matrix_view
     const index_t t0 = task * rows_per_task, rows = std::min(rows_per_task, tokens - t0);
     T* z = buf.scores + t0 * E;
     init_rows_with(z, rows, E, E, router.bias().data());
-    gemm_acc<order::col_major>(rows, E, d, x.row(t0), x.row_stride, router.weight().data(), d, z, E, blk,
-                               scratch.get(worker));
+    product_nt<T>(rows, E, d, {x.row(t0), x.row_stride, nullptr}, router.weight().data(), d, z, E,
+                  {nullptr, scratch.get(worker), blk});
     for (index_t i = 0; i < rows; ++i) {
       const index_t t = t0 + i;
       const index_t c = detail::select_top_k(z + i * E, E, k, renorm, plan.expert + t * k, plan.weight + t * k,
@@ -145,11 +146,11 @@ status route(const context<cpu>& ctx, const dynamic_k_router<T>& router, matrix_
     T* hid = buf.hidden + t0 * h;
     T* r = buf.scores + t0 * E;
     init_rows_with<T>(hid, rows, h, h, nullptr);
-    gemm_acc<order::col_major>(rows, h, d, x.row(t0), x.row_stride, router.w_in().data(), d, hid, h, blk_a,
-                               scratch.get(worker));
+    product_nt<T>(rows, h, d, {x.row(t0), x.row_stride, nullptr}, router.w_in().data(), d, hid, h,
+                  {nullptr, scratch.get(worker), blk_a});
     for (index_t i = 0; i < rows * h; ++i) hid[i] = hid[i] > T(0) ? hid[i] : T(0);
     init_rows_with<T>(r, rows, E, E, nullptr);
-    gemm_acc<order::col_major>(rows, E, h, hid, h, router.w_out().data(), h, r, E, blk_b, scratch.get(worker));
+    product_nt<T>(rows, E, h, {hid, h, nullptr}, router.w_out().data(), h, r, E, {nullptr, scratch.get(worker), blk_b});
     for (index_t i = 0; i < rows * E; ++i) r[i] = std::abs(r[i]);
     for (index_t i = 0; i < rows; ++i) {
       const index_t t = t0 + i;
@@ -188,8 +189,8 @@ status route(const context<cpu>& ctx, const top_any_router<T>& router, matrix_vi
     const index_t t0 = task * rows_per_task, rows = std::min(rows_per_task, tokens - t0);
     T* c = buf.scores + t0 * E;
     init_rows_with<T>(c, rows, E, E, nullptr);
-    gemm_acc<order::col_major>(rows, E, d, x.row(t0), x.row_stride, router.weight().data(), d, c, E, blk,
-                               scratch.get(worker));
+    product_nt<T>(rows, E, d, {x.row(t0), x.row_stride, nullptr}, router.weight().data(), d, c, E,
+                  {nullptr, scratch.get(worker), blk});
     for (index_t i = 0; i < rows; ++i) {
       const index_t t = t0 + i;
       const T* xr = x.row(t);
