@@ -54,14 +54,16 @@ class borrowed_blocking : public Eigen::internal::level3_blocking<T, T> {
   }
 };
 
-/// C(m x n, row-major, ldc) += A(m x k, row-major, lda) * B(k x n, storage BO, ldb).
-/// `pack` is 64-byte aligned and holds blocking.pack_elems() elements; m must not exceed the max_m of the blocking.
-template <order BO, class T>
-inline void gemm_acc(index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, index_t ldb, T* c,
-                     index_t ldc, const gemm_blocking& blocking, T* pack) noexcept {
+/// C(m x n, row-major, ldc) += A(m x k, storage AO, lda) * B(k x n, storage BO, ldb).
+/// `pack` is 64-byte aligned and holds blocking.pack_elems() elements. Any m works with any
+/// blocking (Eigen loops over blocks); the blocking only decides the block sizes. Single-row products with a row-major A go to GEMV and do not touch `pack`.
+template <order AO, order BO, class T>
+inline void gemm(index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, index_t ldb, T* c, index_t ldc,
+                 const gemm_blocking& blocking, T* pack) noexcept {
   if (m <= 0 || n <= 0 || k <= 0) return;
+  constexpr int AStorage = AO == order::row_major ? Eigen::RowMajor : Eigen::ColMajor;
   constexpr int BStorage = BO == order::row_major ? Eigen::RowMajor : Eigen::ColMajor;
-  if (m == 1) {
+  if (AO == order::row_major && m == 1) {
     // GEMV: c (1 x n) += a (1 x k) * B (k x n); Eigen dispatches row-vector products to GEMV.
     using Row = Eigen::Matrix<T, 1, Eigen::Dynamic, Eigen::RowMajor>;
     using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, BStorage>;
@@ -72,9 +74,15 @@ inline void gemm_acc(index_t m, index_t n, index_t k, const T* a, index_t lda, c
     return;
   }
   borrowed_blocking<T> blk(blocking, pack);
-  Eigen::internal::general_matrix_matrix_product<index_t, T, Eigen::RowMajor, false, T, BStorage, false,
-                                                 Eigen::RowMajor, 1>::run(m, n, k, a, lda, b, ldb, c, 1, ldc, T(1),
-                                                                          blk, nullptr);
+  Eigen::internal::general_matrix_matrix_product<index_t, T, AStorage, false, T, BStorage, false, Eigen::RowMajor,
+                                                 1>::run(m, n, k, a, lda, b, ldb, c, 1, ldc, T(1), blk, nullptr);
+}
+
+/// gemm with a row-major A (the forward products).
+template <order BO, class T>
+inline void gemm_acc(index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, index_t ldb, T* c,
+                     index_t ldc, const gemm_blocking& blocking, T* pack) noexcept {
+  gemm<order::row_major, BO>(m, n, k, a, lda, b, ldb, c, ldc, blocking, pack);
 }
 
 }  // namespace dmoe::cpu_detail

@@ -33,6 +33,8 @@
 #include "gemm.hpp"
 #include "kernels.hpp"
 #include "route.hpp"
+#include "route_backward.hpp"
+#include "../routing/aux_loss.hpp"
 
 namespace dmoe {
 namespace cpu_detail {
@@ -73,6 +75,11 @@ struct layer_buffers {
   worker_scratch<T> gather;           ///< per worker (rows_per_task, d)
   worker_scratch<T> pack;             ///< per worker GEMM packing panels
   index_t hidden_ld = 0;
+  // backward only
+  T* dweight = nullptr;               ///< (nnz_max) dL/dw_s
+  T* dx_slot = nullptr;               ///< (nnz_max, d) dL/dx through each slot's expert
+  worker_scratch<T> bwd;              ///< per worker: g (R d) | dpost (R n) | dpre (R f n)
+  router_grad_scratch<T> rgrad;
 };
 
 struct layer_dims {
@@ -108,6 +115,15 @@ layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t to
   b.gather.base = c.take<T>(threads * b.gather.stride);
   b.pack.stride = round16(dm.pack_elems);
   b.pack.base = c.take<T>(threads * b.pack.stride);
+  b.dweight = c.take<T>(nnz_max);
+  b.dx_slot = c.take<T>(nnz_max * dm.d);
+  b.bwd.stride = round16(rows_per_task * (dm.d + dm.n + dm.f * dm.n));
+  b.bwd.base = c.take<T>(threads * b.bwd.stride);
+  b.rgrad.dscores = c.take<T>(tokens * dm.E);
+  b.rgrad.token_tmp = c.take<T>(tokens);
+  b.rgrad.expert_tmp = c.take<T>(4 * dm.E);
+  b.rgrad.rows_tmp = c.take<T>(rows_per_task * 2 * dm.E);
+  b.rgrad.pack = b.pack.base;  // the router backward runs on the calling thread (worker 0)
   return b;
 }
 
@@ -197,6 +213,58 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     return buffers(ws, tokens, 1).plan;
   }
 
+  /// Gradients of every parameter, shaped like the parameters themselves.
+  struct gradients {
+    expert_weights<T> experts;
+    router_type router;
+  };
+  /// Zero gradients of this layer's shape (cold path: allocates).
+  gradients make_gradients() const {
+    gradients g{expert_weights<T>(experts_.shape()), router_};
+    g.router.set_zero();
+    return g;
+  }
+
+  /// Values of the auxiliary losses for the last forward on `tokens` tokens in `ws` (terms of other
+  /// policies are 0).
+  aux_losses aux_loss_values(workspace ws, index_t tokens) const noexcept {
+    auto b = buffers(ws, tokens, 1);
+    return cpu_detail::aux_values(router_, b.plan, b.router, b.rgrad.expert_tmp);
+  }
+
+  /// Backward of the last forward. Overwrites `grads` and `dx` with dL/dparams and dL/dx for
+  /// L = <dy, y> (+ sum_i aux_i * aux loss_i when `aux` is given).
+  /// \param x  the same (tokens, d_model) input the forward that filled `ws` saw
+  /// \param dy (tokens, d_model) dL/dy; \param dx (tokens, d_model) output, may not alias x or dy
+  /// \param ws the workspace of that forward, unchanged since (it holds the plan and activations:
+  ///        backward reads it and does not modify the forward state, so it may be called again)
+  /// Routing decisions have no gradient; dynamic-k routers get zero gradient (they learn from
+  /// their own regression loss, convert/); top-any uses the straight-through rules.
+  status backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_view<const T> dy, matrix_view<T> dx,
+                  gradients& grads, workspace ws, const aux_losses* aux = nullptr) const noexcept {
+    DMOE_TRY(check_backward(x, dy, dx, grads, ws, ctx.concurrency()));
+    const index_t tokens = x.rows;
+    grads.experts.set_zero();
+    if (tokens == 0) {
+      grads.router.set_zero();
+      if (aux && std::is_same_v<Policy, top_any>) {  // parameter-only terms need no tokens
+        auto b = buffers(ws, 0, ctx.concurrency());
+        cpu_detail::route_backward(router_, x, b.plan, b.router, static_cast<const T*>(nullptr), aux, grads.router,
+                                   dx, b.rgrad);
+      }
+      return {};
+    }
+    auto b = buffers(ws, tokens, ctx.concurrency());
+    slot_weight_grads(ctx, dy, b);
+    expert_backward(ctx, x, dy, grads.experts, b);
+    cpu_detail::route_backward(router_, x, b.plan, b.router, b.dweight, aux, grads.router, dx, b.rgrad);
+    input_grads(ctx, dx, b);
+    if (T* db2 = grads.experts.output_bias_storage().empty() ? nullptr : grads.experts.output_bias_storage().data())
+      for (index_t t = 0; t < tokens; ++t)
+        for (index_t j = 0; j < cfg_.d_model; ++j) db2[j] += dy(t, j);
+    return {};
+  }
+
  private:
   using experts_extent = detail::extent_value<Experts>;
   using width_extent = detail::extent_value<Width>;
@@ -236,10 +304,17 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     dm.f = width_factor<Activation>;
     dm.max_k = router_.max_k();
     dm.router_hidden = cpu_detail::router_hidden_width(router_);
-    dm.pack_elems = std::max(
-        {cpu_detail::router_pack_elems<T>(dm.d, dm.E, dm.router_hidden),
-         cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, dm.f * dm.n, dm.d).pack_elems(),
-         cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, dm.d, dm.n).pack_elems()});
+    const index_t R = cpu_detail::rows_per_task, fn = dm.f * dm.n;
+    dm.pack_elems = std::max({cpu_detail::router_pack_elems<T>(dm.d, dm.E, dm.router_hidden),
+                              // forward products
+                              cpu_detail::plan_gemm<T>(R, fn, dm.d).pack_elems(),
+                              cpu_detail::plan_gemm<T>(R, dm.d, dm.n).pack_elems(),
+                              // backward products
+                              cpu_detail::plan_gemm<T>(R, dm.n, dm.d).pack_elems(),
+                              cpu_detail::plan_gemm<T>(dm.d, dm.n, R).pack_elems(),
+                              cpu_detail::plan_gemm<T>(fn, dm.d, R).pack_elems(),
+                              cpu_detail::plan_gemm<T>(R, dm.d, fn).pack_elems()});
+    cpu_detail::router_grad_shapes<T>(dm.d, dm.E, dm.pack_elems);
     return dm;
   }
 
@@ -350,6 +425,147 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
           yt.setZero();
         for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s)
           yt += b.plan.weight[s] * CRow(b.out + b.slot_pos[s] * d, d);
+      }
+    });
+  }
+
+  status check_backward(matrix_view<const T> x, matrix_view<const T> dy, matrix_view<T> dx, const gradients& g,
+                        workspace ws, index_t threads) const noexcept {
+    const index_t d = cfg_.d_model;
+    if (x.cols != d || dy.cols != d || dx.cols != d || dy.rows != x.rows || dx.rows != x.rows)
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::backward: x (%td x %td), dy (%td x %td) and dx (%td x %td) must all be "
+                             "(tokens x d_model = %td)",
+                             x.rows, x.cols, dy.rows, dy.cols, dx.rows, dx.cols, d);
+    if (x.rows > 0 && (!x.data || !dy.data || !dx.data))
+      return status::failure(errc::invalid_argument, "moe_layer::backward: %s is a null pointer",
+                             !x.data ? "x" : (!dy.data ? "dy" : "dx"));
+    if (x.row_stride < d || dy.row_stride < d || dx.row_stride < d)
+      return status::failure(errc::invalid_argument, "moe_layer::backward: row strides must be >= d_model = %td", d);
+    if (x.rows > 0 && (static_cast<const void*>(dx.data) == static_cast<const void*>(x.data) ||
+                       static_cast<const void*>(dx.data) == static_cast<const void*>(dy.data)))
+      return status::failure(errc::invalid_argument, "moe_layer::backward: dx must not alias x or dy");
+    if (g.experts.shape() != experts_.shape() || g.router.d_model() != router_.d_model() ||
+        g.router.num_experts() != router_.num_experts())
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::backward: grads have another shape than the layer (make them with "
+                             "make_gradients())");
+    if constexpr (std::is_same_v<Policy, dynamic_k>)
+      if (g.router.hidden() != router_.hidden())
+        return status::failure(errc::invalid_argument, "moe_layer::backward: grads router hidden %td, layer %td",
+                               g.router.hidden(), router_.hidden());
+    if (x.rows == 0) return {};
+    const std::size_t need = workspace_size(workspace_bounds{x.rows, threads});
+    if (ws.data == nullptr || ws.bytes < need)
+      return status::failure(errc::workspace_too_small,
+                             "moe_layer::backward: workspace has %zu bytes, %td tokens with %td threads need %zu",
+                             ws.bytes, x.rows, threads, need);
+    return {};
+  }
+
+  /// dL/dw_s = <dy_t, y_e(x_t)> for every slot (the combine weights' gradient).
+  void slot_weight_grads(const context<cpu>& ctx, matrix_view<const T> dy, const cpu_detail::layer_buffers<T>& b) const noexcept {
+    const index_t d = cfg_.d_model, tokens = b.plan.tokens;
+    const index_t tasks = (tokens + cpu_detail::rows_per_task - 1) / cpu_detail::rows_per_task;
+    ctx.parallel_for(tasks, [&](index_t task, index_t) noexcept {
+      const index_t t0 = task * cpu_detail::rows_per_task, t1 = std::min(tokens, t0 + cpu_detail::rows_per_task);
+      for (index_t t = t0; t < t1; ++t)
+        for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s) {
+          const T* o = b.out + b.slot_pos[s] * d;
+          const T* g = dy.row(t);
+          T acc = 0;
+          for (index_t j = 0; j < d; ++j) acc += g[j] * o[j];
+          b.dweight[s] = acc;
+        }
+    });
+  }
+
+  /// Expert parameter gradients and dx per slot. One task per expert owns that expert's gradients,
+  /// so no reduction crosses threads; rows are visited in sorted order in chunks of rows_per_task.
+  void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_view<const T> dy,
+                       expert_weights<T>& g, const cpu_detail::layer_buffers<T>& b) const noexcept {
+    const index_t d = cfg_.d_model, n = expert_width(), fn = width_factor<Activation> * n, ld = b.hidden_ld;
+    const index_t R = cpu_detail::rows_per_task;
+    using cpu_detail::order;
+    const auto blk_dpost = cpu_detail::plan_gemm<T>(R, n, d), blk_dw2 = cpu_detail::plan_gemm<T>(d, n, R);
+    const auto blk_dw1 = cpu_detail::plan_gemm<T>(fn, d, R), blk_dx = cpu_detail::plan_gemm<T>(R, d, fn);
+    ctx.parallel_for(num_experts(), [&](index_t e, index_t worker) noexcept {
+      T* gbuf = b.bwd.get(worker);  // w_s * dy_t rows, then gathered x rows
+      T* dpost = gbuf + R * d;
+      T* dpre = dpost + R * n;
+      T* pack = b.pack.get(worker);
+      T* gw1 = g.w1_ptr(e);
+      T* gw2 = g.w2_ptr(e);
+      T* gb1 = g.b1_ptr(e);
+      T* gb2e = g.b2e_ptr(e);
+      for (index_t r0 = b.expert_offsets[e]; r0 < b.expert_offsets[e + 1]; r0 += R) {
+        const index_t rows = std::min(R, b.expert_offsets[e + 1] - r0);
+        const T* pre = b.hidden + r0 * ld;
+        const T* post = pre + fn;
+        for (index_t i = 0; i < rows; ++i) {
+          const T w = b.plan.weight[b.sorted_slot[r0 + i]];
+          const T* src = dy.row(b.sorted_token[r0 + i]);
+          T* dst = gbuf + i * d;
+          for (index_t j = 0; j < d; ++j) dst[j] = w * src[j];
+          if (gb2e)
+            for (index_t j = 0; j < d; ++j) gb2e[j] += dst[j];
+        }
+        // dpost = g W2^T; dW2^T += g^T post (W2 is stored as its transpose, row-major d x n).
+        std::fill(dpost, dpost + rows * n, T(0));
+        cpu_detail::gemm<order::row_major, order::row_major>(rows, n, d, gbuf, d, experts_.w2_ptr(e), n, dpost, n,
+                                                             blk_dpost, pack);
+        cpu_detail::gemm<order::col_major, order::row_major>(d, n, rows, gbuf, d, post, ld, gw2, n, blk_dw2, pack);
+        activation_backward(pre, ld, dpost, dpre, rows, n);
+        if (gb1)
+          for (index_t i = 0; i < rows; ++i)
+            for (index_t j = 0; j < fn; ++j) gb1[j] += dpre[i * fn + j];
+        // dW1^T += dpre^T x (W1 stored as its transpose, row-major f n x d); dx_slot = dpre W1^T.
+        for (index_t i = 0; i < rows; ++i) {
+          const T* src = x.row(b.sorted_token[r0 + i]);
+          std::copy(src, src + d, gbuf + i * d);
+        }
+        cpu_detail::gemm<order::col_major, order::row_major>(fn, d, rows, dpre, fn, gbuf, d, gw1, d, blk_dw1, pack);
+        T* dxs = b.dx_slot + r0 * d;
+        std::fill(dxs, dxs + rows * d, T(0));
+        cpu_detail::gemm<order::row_major, order::row_major>(rows, d, fn, dpre, fn, experts_.w1_ptr(e), d, dxs, d,
+                                                             blk_dx, pack);
+      }
+    });
+  }
+
+  /// dpre from dpost: act'(pre) elementwise, or for gated units d gate = dpost up base'(gate),
+  /// d up = dpost base(gate).
+  static void activation_backward(const T* pre, index_t ld, const T* dpost, T* dpre, index_t rows, index_t n) noexcept {
+    for (index_t i = 0; i < rows; ++i) {
+      const T* p = pre + i * ld;
+      const T* dp = dpost + i * n;
+      if constexpr (Activation::gated) {
+        using B = typename Activation::base;
+        T* dg = dpre + i * 2 * n;
+        T* du = dg + n;
+        for (index_t j = 0; j < n; ++j) {
+          dg[j] = dp[j] * p[n + j] * B::derivative(p[j]);
+          du[j] = dp[j] * B::apply(p[j]);
+        }
+      } else {
+        T* dq = dpre + i * n;
+        for (index_t j = 0; j < n; ++j) dq[j] = dp[j] * Activation::derivative(p[j]);
+      }
+    }
+  }
+
+  /// dx_t (holding the router's part) += the slots' parts in slot order.
+  void input_grads(const context<cpu>& ctx, matrix_view<T> dx, const cpu_detail::layer_buffers<T>& b) const noexcept {
+    const index_t d = cfg_.d_model, tokens = b.plan.tokens;
+    const index_t tasks = (tokens + cpu_detail::rows_per_task - 1) / cpu_detail::rows_per_task;
+    ctx.parallel_for(tasks, [&](index_t task, index_t) noexcept {
+      const index_t t0 = task * cpu_detail::rows_per_task, t1 = std::min(tokens, t0 + cpu_detail::rows_per_task);
+      for (index_t t = t0; t < t1; ++t) {
+        T* o = dx.row(t);
+        for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s) {
+          const T* src = b.dx_slot + b.slot_pos[s] * d;
+          for (index_t j = 0; j < d; ++j) o[j] += src[j];
+        }
       }
     });
   }

@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include <Eigen/Core>
+#include <unsupported/Eigen/SpecialFunctions>  // Array::erf
 
 #include "../core/config.hpp"
 

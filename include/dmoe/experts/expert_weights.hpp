@@ -14,6 +14,7 @@
 ///    (converted layers have this one).
 /// Use the accessors (Eigen maps of the logical matrices); the flat storage order is internal.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -36,6 +37,11 @@ struct expert_shape {
   bool output_bias = true;      ///< shared b2
 
   index_t first_width() const noexcept { return gated ? 2 * width : width; }
+  friend bool operator==(const expert_shape& a, const expert_shape& b) noexcept {
+    return a.d_model == b.d_model && a.num_experts == b.num_experts && a.width == b.width && a.gated == b.gated &&
+           a.hidden_bias == b.hidden_bias && a.expert_bias == b.expert_bias && a.output_bias == b.output_bias;
+  }
+  friend bool operator!=(const expert_shape& a, const expert_shape& b) noexcept { return !(a == b); }
 };
 
 /// Owning storage of all experts of one layer (host memory).
@@ -110,6 +116,11 @@ class expert_weights {
   const std::vector<T>& w2_storage() const noexcept { return w2_; }
   const std::vector<T>& expert_bias_storage() const noexcept { return b2e_; }
   const std::vector<T>& output_bias_storage() const noexcept { return b2_; }
+
+  /// Zeroes every parameter (gradient buffers start here).
+  void set_zero() noexcept {
+    for (auto* v : {&w1_, &b1_, &w2_, &b2e_, &b2_}) std::fill(v->begin(), v->end(), T(0));
+  }
 
   /// PyTorch-style init: uniform(+-1/sqrt(fan_in)) for weights and biases, seeded.
   void randomize(std::uint64_t seed) {

@@ -84,6 +84,11 @@ class top_k_router {
     detail::fill_uniform(weight_, g, 1.0 / std::sqrt(double(d_model())));
     bias_.setZero();
   }
+  /// Zeroes every parameter (gradient buffers start here).
+  void set_zero() noexcept {
+    weight_.setZero();
+    bias_.setZero();
+  }
 
  private:
   col_matrix<T> weight_;
@@ -147,6 +152,10 @@ class dynamic_k_router {
     detail::rng g(seed);
     detail::fill_uniform(w_in_, g, 1.0 / std::sqrt(double(d_model())));
     detail::fill_uniform(w_out_, g, 1.0 / std::sqrt(double(hidden())));
+  }
+  void set_zero() noexcept {
+    w_in_.setZero();
+    w_out_.setZero();
   }
 
  private:
@@ -217,6 +226,11 @@ class top_any_router {
     threshold_.setZero();
     if (initial_active < 0 || initial_active > E) initial_active = E;
     for (index_t e = 0; e < E; ++e) active_[static_cast<std::size_t>(e)] = e < initial_active ? 1 : 0;
+  }
+  /// Zeroes gate embeddings and thresholds (the mask is state, not a parameter, and is kept).
+  void set_zero() noexcept {
+    weight_.setZero();
+    threshold_.setZero();
   }
 
  private:
