@@ -21,3 +21,8 @@
 #include "layer/moe_layer.hpp"
 #include "cpu/moe_layer.hpp"
 #include "cpu/dense_ffn.hpp"
+#include "cpu/router_regression.hpp"
+#include "routing/aux_loss.hpp"
+#include "train/parameters.hpp"
+#include "train/optimizers.hpp"
+#include "adapt/expert_count.hpp"

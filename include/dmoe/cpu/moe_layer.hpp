@@ -35,6 +35,7 @@
 #include "route.hpp"
 #include "route_backward.hpp"
 #include "../routing/aux_loss.hpp"
+#include "../train/parameters.hpp"
 
 namespace dmoe {
 namespace cpu_detail {
@@ -213,10 +214,21 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     return buffers(ws, tokens, 1).plan;
   }
 
+  /// Router scores of the last forward on `tokens` tokens in `ws`, (tokens, num_experts):
+  /// softmax probabilities (top_k), predicted norms r (dynamic_k) or cosines (top_any).
+  matrix_view<const T> scores(workspace ws, index_t tokens) const noexcept {
+    return matrix_view<const T>(buffers(ws, tokens, 1).router.scores, tokens, num_experts());
+  }
+
+  /// Parameters in a fixed order, for optimizers (train/).
+  param_list<T> parameters(param_group group = param_group::all) { return parameters_of(experts_, router_, group); }
+
   /// Gradients of every parameter, shaped like the parameters themselves.
   struct gradients {
     expert_weights<T> experts;
     router_type router;
+    /// Gradient tensors in the order of moe_layer::parameters(group).
+    param_list<T> parameters(param_group group = param_group::all) { return parameters_of(experts, router, group); }
   };
   /// Zero gradients of this layer's shape (cold path: allocates).
   gradients make_gradients() const {

@@ -1,0 +1,115 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// SGD with momentum and AdamW over a parameter list (train/parameters.hpp). The optimizer owns its
+/// state (allocated at construction); step() allocates nothing and visits elements in a fixed
+/// order, so training is reproducible.
+
+#include <cmath>
+#include <vector>
+
+#include "../core/status.hpp"
+#include "parameters.hpp"
+
+namespace dmoe {
+
+namespace detail {
+template <class T>
+status check_grads(const char* who, const param_list<T>& params, const param_list<T>& grads) noexcept {
+  if (params.size() != grads.size())
+    return status::failure(errc::invalid_argument, "%s::step: %zu gradient tensors for %zu parameter tensors", who,
+                           grads.size(), params.size());
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (params[i].size != grads[i].size)
+      return status::failure(errc::invalid_argument, "%s::step: gradient %zu (%s) has %td elements, parameter has %td",
+                             who, i, grads[i].name, grads[i].size, params[i].size);
+  return {};
+}
+}  // namespace detail
+
+/// SGD: v = momentum v + (g + weight_decay p); p -= lr v.
+struct sgd_options {
+  double lr = 1e-2;
+  double momentum = 0.9;
+  double weight_decay = 0.0;
+};
+
+template <class T>
+class sgd {
+ public:
+  sgd(param_list<T> params, sgd_options opt = {}) : params_(std::move(params)), opt_(opt) {
+    for (auto& p : params_) velocity_.emplace_back(static_cast<std::size_t>(p.size), T(0));
+  }
+  sgd_options& options() noexcept { return opt_; }
+  /// One update from gradients listed in the same order as the parameters.
+  status step(const param_list<T>& grads) noexcept {
+    DMOE_TRY(detail::check_grads("sgd", params_, grads));
+    const T lr = T(opt_.lr), mu = T(opt_.momentum), wd = T(opt_.weight_decay);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      T* p = params_[i].data;
+      const T* g = grads[i].data;
+      T* v = velocity_[i].data();
+      for (index_t j = 0; j < params_[i].size; ++j) {
+        v[j] = mu * v[j] + g[j] + wd * p[j];
+        p[j] -= lr * v[j];
+      }
+    }
+    return {};
+  }
+
+ private:
+  param_list<T> params_;
+  sgd_options opt_;
+  std::vector<std::vector<T>> velocity_;
+};
+
+/// AdamW (decoupled weight decay, Loshchilov & Hutter): p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p).
+struct adamw_options {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+};
+
+template <class T>
+class adamw {
+ public:
+  adamw(param_list<T> params, adamw_options opt = {}) : params_(std::move(params)), opt_(opt) {
+    for (auto& p : params_) {
+      m_.emplace_back(static_cast<std::size_t>(p.size), T(0));
+      v_.emplace_back(static_cast<std::size_t>(p.size), T(0));
+    }
+  }
+  adamw_options& options() noexcept { return opt_; }
+  long steps() const noexcept { return t_; }
+
+  status step(const param_list<T>& grads) noexcept {
+    DMOE_TRY(detail::check_grads("adamw", params_, grads));
+    ++t_;
+    const double bc1 = 1.0 - std::pow(opt_.beta1, double(t_)), bc2 = 1.0 - std::pow(opt_.beta2, double(t_));
+    const T lr = T(opt_.lr), b1 = T(opt_.beta1), b2 = T(opt_.beta2), eps = T(opt_.eps), wd = T(opt_.weight_decay);
+    const T c1 = T(1.0 / bc1), c2 = T(1.0 / bc2);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      T* p = params_[i].data;
+      const T* g = grads[i].data;
+      T* m = m_[i].data();
+      T* v = v_[i].data();
+      for (index_t j = 0; j < params_[i].size; ++j) {
+        m[j] = b1 * m[j] + (T(1) - b1) * g[j];
+        v[j] = b2 * v[j] + (T(1) - b2) * g[j] * g[j];
+        p[j] -= lr * ((m[j] * c1) / (std::sqrt(v[j] * c2) + eps) + wd * p[j]);
+      }
+    }
+    return {};
+  }
+
+ private:
+  param_list<T> params_;
+  adamw_options opt_;
+  std::vector<std::vector<T>> m_, v_;
+  long t_ = 0;
+};
+
+}  // namespace dmoe
