@@ -101,9 +101,11 @@ namespace detail {
 }
 
 /// Throws dmoe::error with a printf-style message (cold paths only).
+[[noreturn]] inline void raisef(errc code, const char* fmt, ...)
 #if defined(__GNUC__)
-__attribute__((format(printf, 2, 3)))
+    __attribute__((format(printf, 2, 3)))
 #endif
+    ;
 [[noreturn]] inline void raisef(errc code, const char* fmt, ...) {
   char buf[512];
   va_list args;

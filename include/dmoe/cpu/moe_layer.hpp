@@ -259,11 +259,8 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     grads.experts.set_zero();
     if (tokens == 0) {
       grads.router.set_zero();
-      if (aux && std::is_same_v<Policy, top_any>) {  // parameter-only terms need no tokens
-        auto b = buffers(ws, 0, ctx.concurrency());
-        cpu_detail::route_backward(router_, x, b.plan, b.router, static_cast<const T*>(nullptr), aux, grads.router,
-                                   dx, b.rgrad);
-      }
+      if constexpr (std::is_same_v<Policy, top_any>)  // parameter-only terms need no tokens
+        cpu_detail::top_any_parameter_terms(router_, aux, grads.router);
       return {};
     }
     auto b = buffers(ws, tokens, ctx.concurrency());

@@ -217,6 +217,19 @@ aux_losses aux_values(const top_any_router<T>& r, const routing_plan<T>& plan, c
   return v;
 }
 
+/// Adds the gradients of the terms that depend on the gate embeddings alone (simplicity,
+/// diversity): they exist with or without tokens.
+template <class T>
+void top_any_parameter_terms(const top_any_router<T>& r, const aux_losses* aux, top_any_router<T>& grad) noexcept {
+  const index_t E = r.num_experts();
+  if (aux && aux->simplicity != 0.0)
+    for (index_t e = 0; e < E; ++e) {
+      const T n = std::max(r.weight().col(e).norm(), top_any_router<T>::norm_eps);
+      grad.weight().col(e) += T(aux->simplicity) / T(E) * r.weight().col(e) / n;
+    }
+  if (aux && aux->diversity != 0.0) top_any_diversity<T>(r, T(aux->diversity), grad.weight().data());
+}
+
 template <class T>
 void route_backward(const top_any_router<T>& r, matrix_view<const T> x, const routing_plan<T>& plan,
                     const router_buffers<T>& buf, const T* dweight, const aux_losses* aux, top_any_router<T>& grad,
@@ -282,13 +295,7 @@ void route_backward(const top_any_router<T>& r, matrix_view<const T> x, const ro
     const T wn = buf.expert_aux[e];
     grad.weight().col(e) = grad.weight().col(e) / wn - (sw[e] / (wn * wn)) * r.weight().col(e);
   }
-  // Parameter-only terms.
-  if (aux && aux->simplicity != 0.0)
-    for (index_t e = 0; e < E; ++e) {
-      const T n = std::max(r.weight().col(e).norm(), top_any_router<T>::norm_eps);
-      grad.weight().col(e) += T(aux->simplicity) / T(E) * r.weight().col(e) / n;
-    }
-  if (aux && aux->diversity != 0.0) top_any_diversity<T>(r, T(aux->diversity), grad.weight().data());
+  top_any_parameter_terms(r, aux, grad);
 }
 
 }  // namespace dmoe::cpu_detail
