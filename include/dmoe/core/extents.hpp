@@ -13,7 +13,7 @@
 namespace dmoe {
 
 /// Marks an extent whose value is given at run time.
-inline constexpr std::size_t dynamic_extent = std::numeric_limits<std::size_t>::max();
+inline constexpr std::size_t dynamic_extent = (std::numeric_limits<std::size_t>::max)();
 
 namespace detail {
 /// Holds one extent: a constant when N is static, a runtime value otherwise.

@@ -99,7 +99,7 @@ class dense_ffn {
     const index_t ld = fF + F;
     const index_t tasks = (x.rows + cpu_detail::rows_per_task - 1) / cpu_detail::rows_per_task;
     ctx.parallel_for(tasks, [&](index_t task, index_t worker) noexcept {
-      const index_t t0 = task * cpu_detail::rows_per_task, rows = std::min(cpu_detail::rows_per_task, x.rows - t0);
+      const index_t t0 = task * cpu_detail::rows_per_task, rows = (std::min)(cpu_detail::rows_per_task, x.rows - t0);
       T* pre = s.hidden.get(worker);
       T* post = pre + fF;
       cpu_detail::init_rows_with(pre, rows, fF, ld, b1_.data());

@@ -127,18 +127,18 @@ template <index_t MR = 3, index_t NR = 4>
 DMOE_TARGET_AVX2 inline void product_nt_avx2(index_t m, index_t N, index_t K, row_source<float> a, const float* b,
                                              index_t ldb, float* c, index_t ldc, index_t a_chunk_bytes = 96 * 1024,
                                              index_t b_chunk_bytes = index_t(1) << 40) noexcept {
-  const index_t row_bytes = 4 * std::max<index_t>(K, 1);
-  const index_t mc = std::max<index_t>(MR, a_chunk_bytes / row_bytes / MR * MR);
-  const index_t nc = std::max<index_t>(NR, b_chunk_bytes / row_bytes / NR * NR);
+  const index_t row_bytes = 4 * (std::max<index_t>)(K, 1);
+  const index_t mc = (std::max<index_t>)(MR, a_chunk_bytes / row_bytes / MR * MR);
+  const index_t nc = (std::max<index_t>)(NR, b_chunk_bytes / row_bytes / NR * NR);
   for (index_t j_begin = 0; j_begin < N; j_begin += nc) {
-    const index_t j_end = std::min(N, j_begin + nc);
+    const index_t j_end = (std::min)(N, j_begin + nc);
     for (index_t i_begin = 0; i_begin < m; i_begin += mc) {
-      const index_t i_end = std::min(m, i_begin + mc);
+      const index_t i_end = (std::min)(m, i_begin + mc);
       for (index_t j0 = j_begin; j0 < j_end; j0 += NR) {
-        const index_t nr = std::min(NR, j_end - j0);
+        const index_t nr = (std::min)(NR, j_end - j0);
         const float* bj = b + j0 * ldb;
         for (index_t i0 = i_begin; i0 < i_end; i0 += MR) {
-          const index_t mr = std::min(MR, i_end - i0);
+          const index_t mr = (std::min)(MR, i_end - i0);
           const float* ap[MR];
           float* cp[MR];
           for (index_t i = 0; i < mr; ++i) {

@@ -314,7 +314,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     dm.max_k = router_.max_k();
     dm.router_hidden = cpu_detail::router_hidden_width(router_);
     const index_t R = cpu_detail::rows_per_task, fn = dm.f * dm.n;
-    dm.pack_elems = std::max({cpu_detail::router_pack_elems<T>(dm.d, dm.E, dm.router_hidden),
+    dm.pack_elems = (std::max)({cpu_detail::router_pack_elems<T>(dm.d, dm.E, dm.router_hidden),
                               // forward products
                               cpu_detail::plan_gemm<T>(R, fn, dm.d).pack_elems(),
                               cpu_detail::plan_gemm<T>(R, dm.d, dm.n).pack_elems(),
@@ -403,7 +403,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     const auto blk2 = cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, d, n);
     ctx.parallel_for(n_tasks, [&](index_t task, index_t worker) noexcept {
       const index_t e = b.task_expert[task], r0 = b.task_begin[task];
-      const index_t rows = std::min(cpu_detail::rows_per_task, b.expert_offsets[e + 1] - r0);
+      const index_t rows = (std::min)(cpu_detail::rows_per_task, b.expert_offsets[e + 1] - r0);
       T* pre = b.hidden + r0 * ld;
       T* post = pre + fn;
       const cpu_detail::product_scratch<T> scratch1{b.gather.get(worker), b.pack.get(worker), blk1};
@@ -425,7 +425,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     using CRow = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
     const index_t tasks = (tokens + cpu_detail::rows_per_task - 1) / cpu_detail::rows_per_task;
     ctx.parallel_for(tasks, [&](index_t task, index_t) noexcept {
-      const index_t t0 = task * cpu_detail::rows_per_task, t1 = std::min(tokens, t0 + cpu_detail::rows_per_task);
+      const index_t t0 = task * cpu_detail::rows_per_task, t1 = (std::min)(tokens, t0 + cpu_detail::rows_per_task);
       for (index_t t = t0; t < t1; ++t) {
         Row yt(y.row(t), d);
         if (b2)
@@ -477,7 +477,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     const index_t d = cfg_.d_model, tokens = b.plan.tokens;
     const index_t tasks = (tokens + cpu_detail::rows_per_task - 1) / cpu_detail::rows_per_task;
     ctx.parallel_for(tasks, [&](index_t task, index_t) noexcept {
-      const index_t t0 = task * cpu_detail::rows_per_task, t1 = std::min(tokens, t0 + cpu_detail::rows_per_task);
+      const index_t t0 = task * cpu_detail::rows_per_task, t1 = (std::min)(tokens, t0 + cpu_detail::rows_per_task);
       for (index_t t = t0; t < t1; ++t)
         for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s) {
           const T* o = b.out + b.slot_pos[s] * d;
@@ -508,7 +508,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
       T* gb1 = g.b1_ptr(e);
       T* gb2e = g.b2e_ptr(e);
       for (index_t r0 = b.expert_offsets[e]; r0 < b.expert_offsets[e + 1]; r0 += R) {
-        const index_t rows = std::min(R, b.expert_offsets[e + 1] - r0);
+        const index_t rows = (std::min)(R, b.expert_offsets[e + 1] - r0);
         const T* pre = b.hidden + r0 * ld;
         const T* post = pre + fn;
         for (index_t i = 0; i < rows; ++i) {
@@ -568,7 +568,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     const index_t d = cfg_.d_model, tokens = b.plan.tokens;
     const index_t tasks = (tokens + cpu_detail::rows_per_task - 1) / cpu_detail::rows_per_task;
     ctx.parallel_for(tasks, [&](index_t task, index_t) noexcept {
-      const index_t t0 = task * cpu_detail::rows_per_task, t1 = std::min(tokens, t0 + cpu_detail::rows_per_task);
+      const index_t t0 = task * cpu_detail::rows_per_task, t1 = (std::min)(tokens, t0 + cpu_detail::rows_per_task);
       for (index_t t = t0; t < t1; ++t) {
         T* o = dx.row(t);
         for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s) {

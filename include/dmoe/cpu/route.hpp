@@ -55,8 +55,8 @@ template <class T>
 index_t router_pack_elems(index_t d, index_t E, index_t h) {
   index_t m = plan_gemm<T>(rows_per_task, E, d).pack_elems();
   if (h > 0) {
-    m = std::max(m, plan_gemm<T>(rows_per_task, h, d).pack_elems());
-    m = std::max(m, plan_gemm<T>(rows_per_task, E, h).pack_elems());
+    m = (std::max)(m, plan_gemm<T>(rows_per_task, h, d).pack_elems());
+    m = (std::max)(m, plan_gemm<T>(rows_per_task, E, h).pack_elems());
   }
   return m;
 }
@@ -109,7 +109,7 @@ status route(const context<cpu>& ctx, const top_k_router<T>& router, matrix_view
   bad_token bad;
   const index_t tasks = (tokens + rows_per_task - 1) / rows_per_task;
   ctx.parallel_for(tasks, [&](index_t task, index_t worker) noexcept {
-    const index_t t0 = task * rows_per_task, rows = std::min(rows_per_task, tokens - t0);
+    const index_t t0 = task * rows_per_task, rows = (std::min)(rows_per_task, tokens - t0);
     T* z = buf.scores + t0 * E;
     init_rows_with(z, rows, E, E, router.bias().data());
     product_nt<T>(rows, E, d, {x.row(t0), x.row_stride, nullptr}, router.weight().data(), d, z, E,
@@ -142,13 +142,14 @@ status route(const context<cpu>& ctx, const dynamic_k_router<T>& router, matrix_
   bad_token bad;
   const index_t tasks = (tokens + rows_per_task - 1) / rows_per_task;
   ctx.parallel_for(tasks, [&](index_t task, index_t worker) noexcept {
-    const index_t t0 = task * rows_per_task, rows = std::min(rows_per_task, tokens - t0);
+    const index_t t0 = task * rows_per_task, rows = (std::min)(rows_per_task, tokens - t0);
     T* hid = buf.hidden + t0 * h;
     T* r = buf.scores + t0 * E;
     init_rows_with<T>(hid, rows, h, h, nullptr);
     product_nt<T>(rows, h, d, {x.row(t0), x.row_stride, nullptr}, router.w_in().data(), d, hid, h,
                   {nullptr, scratch.get(worker), blk_a});
-    for (index_t i = 0; i < rows * h; ++i) hid[i] = hid[i] > T(0) ? hid[i] : T(0);
+    // ReLU that keeps NaN (NaN < 0 is false), so a NaN input reaches r and is reported.
+    for (index_t i = 0; i < rows * h; ++i) hid[i] = hid[i] < T(0) ? T(0) : hid[i];
     init_rows_with<T>(r, rows, E, E, nullptr);
     product_nt<T>(rows, E, h, {hid, h, nullptr}, router.w_out().data(), h, r, E, {nullptr, scratch.get(worker), blk_b});
     for (index_t i = 0; i < rows * E; ++i) r[i] = std::abs(r[i]);
@@ -181,12 +182,12 @@ status route(const context<cpu>& ctx, const top_any_router<T>& router, matrix_vi
                            E);
   const bool training = router.options().training;
   const T eps = top_any_router<T>::norm_eps;
-  for (index_t e = 0; e < E; ++e) buf.expert_aux[e] = std::max(router.weight().col(e).norm(), eps);
+  for (index_t e = 0; e < E; ++e) buf.expert_aux[e] = (std::max)(router.weight().col(e).norm(), eps);
   const gemm_blocking blk = plan_gemm<T>(rows_per_task, E, d);
   bad_token bad;
   const index_t tasks = (tokens + rows_per_task - 1) / rows_per_task;
   ctx.parallel_for(tasks, [&](index_t task, index_t worker) noexcept {
-    const index_t t0 = task * rows_per_task, rows = std::min(rows_per_task, tokens - t0);
+    const index_t t0 = task * rows_per_task, rows = (std::min)(rows_per_task, tokens - t0);
     T* c = buf.scores + t0 * E;
     init_rows_with<T>(c, rows, E, E, nullptr);
     product_nt<T>(rows, E, d, {x.row(t0), x.row_stride, nullptr}, router.weight().data(), d, c, E,
@@ -196,7 +197,7 @@ status route(const context<cpu>& ctx, const top_any_router<T>& router, matrix_vi
       const T* xr = x.row(t);
       T sq = 0;
       for (index_t j = 0; j < d; ++j) sq += xr[j] * xr[j];
-      const T xn = std::max(std::sqrt(sq), eps);
+      const T xn = (std::max)(std::sqrt(sq), eps);
       buf.token_aux[t] = xn;
       T* ct = c + i * E;
       for (index_t e = 0; e < E; ++e) ct[e] /= xn * buf.expert_aux[e];

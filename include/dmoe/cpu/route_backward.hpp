@@ -32,7 +32,7 @@ struct router_grad_scratch {
 
 template <class T>
 void router_grad_shapes(index_t d, index_t E, index_t& pack) {
-  pack = std::max({pack, plan_gemm<T>(rows_per_task, d, E).pack_elems(), plan_gemm<T>(E, d, rows_per_task).pack_elems()});
+  pack = (std::max)({pack, plan_gemm<T>(rows_per_task, d, E).pack_elems(), plan_gemm<T>(E, d, rows_per_task).pack_elems()});
 }
 
 /// dX_rows (rows x d) = A (rows x E) W^T and dW^T (E x d) += A^T X_rows, W column-major (d x E).
@@ -87,7 +87,7 @@ void route_backward(const top_k_router<T>& r, matrix_view<const T> x, const rout
     for (index_t e = 0; e < E; ++e) lb_grad[e] = lb * T(E) * (lb_grad[e] / T(nnz)) / T(tokens);
   }
   for (index_t t0 = 0; t0 < tokens; t0 += rows_per_task) {
-    const index_t rows = std::min(rows_per_task, tokens - t0);
+    const index_t rows = (std::min)(rows_per_task, tokens - t0);
     for (index_t t = t0; t < t0 + rows; ++t) {
       const T* p = buf.scores + t * E;
       T* dz = s.dscores + t * E;
@@ -172,7 +172,7 @@ T top_any_diversity(const top_any_router<T>& r, T weight, T* grad) noexcept {
   for (index_t i = 0; i < E; ++i)
     for (index_t j = 0; j < E; ++j) {
       if (!r.active()[std::size_t(i)] || !r.active()[std::size_t(j)]) continue;
-      const T m = W.col(i).dot(W.col(j)) / (std::max(W.col(i).norm(), eps) * std::max(W.col(j).norm(), eps)) -
+      const T m = W.col(i).dot(W.col(j)) / (std::max(W.col(i).norm(), eps) * (std::max)(W.col(j).norm(), eps)) -
                   (i == j ? T(1) : T(0));
       sq += m * m;
     }
@@ -180,11 +180,11 @@ T top_any_diversity(const top_any_router<T>& r, T weight, T* grad) noexcept {
   if (grad == nullptr || weight == T(0) || loss == T(0)) return loss;
   for (index_t i = 0; i < E; ++i) {
     if (!r.active()[std::size_t(i)]) continue;
-    const T ni = std::max(W.col(i).norm(), eps);
+    const T ni = (std::max)(W.col(i).norm(), eps);
     column_vector<T> dhat = column_vector<T>::Zero(d);  // dL/d(w_i / |w_i|)
     for (index_t j = 0; j < E; ++j) {
       if (!r.active()[std::size_t(j)]) continue;
-      const T nj = std::max(W.col(j).norm(), eps);
+      const T nj = (std::max)(W.col(j).norm(), eps);
       const T m = W.col(i).dot(W.col(j)) / (ni * nj) - (i == j ? T(1) : T(0));
       dhat += (T(2) * m / loss) * (W.col(j) / nj);
     }
@@ -224,7 +224,7 @@ void top_any_parameter_terms(const top_any_router<T>& r, const aux_losses* aux, 
   const index_t E = r.num_experts();
   if (aux && aux->simplicity != 0.0)
     for (index_t e = 0; e < E; ++e) {
-      const T n = std::max(r.weight().col(e).norm(), top_any_router<T>::norm_eps);
+      const T n = (std::max)(r.weight().col(e).norm(), top_any_router<T>::norm_eps);
       grad.weight().col(e) += T(aux->simplicity) / T(E) * r.weight().col(e) / n;
     }
   if (aux && aux->diversity != 0.0) top_any_diversity<T>(r, T(aux->diversity), grad.weight().data());
@@ -267,7 +267,7 @@ void route_backward(const top_any_router<T>& r, matrix_view<const T> x, const ro
   // cos = <x, w> / (|x| |w|): dx_t = (sum_e dcos w_e/|w_e| - (sum_e dcos cos) x_t/|x_t|) / |x_t|;
   // dw_e = (sum_t dcos x_t/|x_t| - (sum_t dcos cos) w_e/|w_e|) / |w_e|.
   for (index_t t0 = 0; t0 < tokens; t0 += rows_per_task) {
-    const index_t rows = std::min(rows_per_task, tokens - t0);
+    const index_t rows = (std::min)(rows_per_task, tokens - t0);
     T* u = s.rows_tmp;          // dcos_te / |w_e|, for dx
     T* v = s.rows_tmp + rows_per_task * E;  // dcos_te / |x_t|, for dW
     for (index_t i = 0; i < rows; ++i)
