@@ -4,7 +4,7 @@
 """Markdown table of MoE-vs-dense ratios from a bench_forward Google Benchmark JSON file.
 
     bench_forward --benchmark_out=forward.json --benchmark_out_format=json
-    python3 scripts/bench_table.py forward.json [--out table.md]
+    python3 scripts/bench_table.py forward.json [more.json ...] [--out table.md]
 
 Each MoE run (moe_<policy>/tokens:T/threads:N/...) is matched with the dense runs of the same
 tokens and threads: `dense` (dmoe::dense_ffn, every thread count) and `dense_eigen` (plain Eigen,
@@ -15,7 +15,8 @@ threads 1 only). Columns:
 
 With repetitions (--benchmark_repetitions), the median aggregate of each run is used when present
 (--stat picks another aggregate: mean, min; bench_forward adds "min"), otherwise the mean of its
-iterations. Standard library only.
+iterations. With several files, a run found in a later file replaces the same run from an earlier
+one (re-run a noisy part with --benchmark_filter and pass both files). Standard library only.
 """
 
 import argparse
@@ -174,32 +175,41 @@ def context_line(ctx):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="Google Benchmark JSON output (--benchmark_out_format=json); '-' for stdin")
+    ap.add_argument("json", nargs="+",
+                    help="Google Benchmark JSON output(s) (--benchmark_out_format=json); '-' for stdin; "
+                         "later files override runs of the same name")
     ap.add_argument("--out", help="also write the Markdown to this file")
     ap.add_argument("--stat", default="median",
                     help="aggregate to use when the file has repetitions (median, mean, min; default median)")
     ap.add_argument("--no-dense-summary", action="store_true", help="omit the dense-baseline table")
     args = ap.parse_args(argv)
 
-    try:
-        if args.json == "-":
-            data = json.load(sys.stdin)
-        else:
-            with open(args.json, encoding="utf-8") as fh:
-                data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"bench_table.py: cannot read {args.json}: {exc}", file=sys.stderr)
-        return 2
-    records = collapse(data.get("benchmarks", []), args.stat)
+    merged = {}
+    ctx = {}
+    for path in args.json:
+        try:
+            if path == "-":
+                data = json.load(sys.stdin)
+            else:
+                with open(path, encoding="utf-8") as fh:
+                    data = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"bench_table.py: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+        ctx = ctx or data.get("context", {})
+        for rec in collapse(data.get("benchmarks", []), args.stat):
+            merged.pop(rec["run_name"], None)  # later files win
+            merged[rec["run_name"]] = rec
+    records = list(merged.values())
     dense, eigen, moe = build_tables(records)
     if not moe:
         print("bench_table.py: no moe_* runs in the file", file=sys.stderr)
         return 1
 
     out = []
-    ctx = data.get("context", {})
     if ctx:
-        out.append(f"<!-- {context_line(ctx)} -->")
+        more = f"; merged from {', '.join(args.json)}" if len(args.json) > 1 else ""
+        out.append(f"<!-- {context_line(ctx)}{more} -->")
     how = {r["how"] for r in records}
     how_text = " / ".join("single run" if h == "mean" and all(r["n"] <= 1 for r in records) else h for h in sorted(how))
     out.append(f"Times are wall clock per forward ({how_text}); "

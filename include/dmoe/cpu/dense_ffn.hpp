@@ -85,6 +85,12 @@ class dense_ffn {
       return status::failure(errc::invalid_argument,
                              "dense_ffn::forward: x is (%td x %td) and y (%td x %td), expected both (tokens x %td)",
                              x.rows, x.cols, y.rows, y.cols, d);
+    if (x.rows < 0)
+      return status::failure(errc::invalid_argument, "dense_ffn::forward: x has %td rows", x.rows);
+    if (x.row_stride < d || y.row_stride < d)
+      return status::failure(errc::invalid_argument,
+                             "dense_ffn::forward: row strides must be >= d_model = %td, got x %td, y %td", d,
+                             x.row_stride, y.row_stride);
     if (x.rows == 0) return {};
     if (!x.data || !y.data)
       return status::failure(errc::invalid_argument, "dense_ffn::forward: null %s", x.data ? "y" : "x");
@@ -122,7 +128,7 @@ class dense_ffn {
     scratch s;
     s.hidden.stride = cpu_detail::round16(cpu_detail::rows_per_task * (fF + F));
     s.hidden.base = c.take<T>(threads * s.hidden.stride);
-    s.pack.stride = cpu_detail::round16(std::max(cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, fF, d).pack_elems(),
+    s.pack.stride = cpu_detail::round16((std::max)(cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, fF, d).pack_elems(),
                                                  cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, d, F).pack_elems()));
     s.pack.base = c.take<T>(threads * s.pack.stride);
     return s;

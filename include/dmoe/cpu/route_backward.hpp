@@ -172,7 +172,7 @@ T top_any_diversity(const top_any_router<T>& r, T weight, T* grad) noexcept {
   for (index_t i = 0; i < E; ++i)
     for (index_t j = 0; j < E; ++j) {
       if (!r.active()[std::size_t(i)] || !r.active()[std::size_t(j)]) continue;
-      const T m = W.col(i).dot(W.col(j)) / (std::max(W.col(i).norm(), eps) * (std::max)(W.col(j).norm(), eps)) -
+      const T m = W.col(i).dot(W.col(j)) / ((std::max)(W.col(i).norm(), eps) * (std::max)(W.col(j).norm(), eps)) -
                   (i == j ? T(1) : T(0));
       sq += m * m;
     }
