@@ -5,6 +5,7 @@
 
     bench_forward --benchmark_out=forward.json --benchmark_out_format=json
     python3 scripts/bench_table.py forward.json [more.json ...] [--out table.md]
+    python3 scripts/bench_table.py --backward backward.json      (bench_backward: bwd/fwd ratios)
 
 Each MoE run (moe_<policy>/tokens:T/threads:N/...) is matched with the dense runs of the same
 tokens and threads: `dense` (dmoe::dense_ffn, every thread count) and `dense_eigen` (plain Eigen,
@@ -166,6 +167,42 @@ def dense_summary(dense, eigen):
     return lines
 
 
+def backward_markdown(records):
+    """bench_backward: backward against forward of the same setting, and against dense backward."""
+    runs = {}
+    for r in records:
+        m = re.fullmatch(r"(moe_\w+|dense_layer|dense_eigen)_(forward|backward)", r["family"])
+        if not m or "tokens" not in r["args"]:
+            continue
+        a = dict(r["args"])
+        key = (m.group(1), a.get("tokens"), a.get("threads"), a.get("k"), a.get("f_pct"))
+        runs.setdefault(key, {})[m.group(2)] = r
+    head = ["policy", "tokens", "threads", "setting", "f", "t_fwd ms", "t_bwd ms", "bwd / fwd",
+            "t_dense_bwd ms", "speedup vs dense bwd", "t_eigen_bwd ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    order = lambda k: (k[1], k[2], POLICY_ORDER.get(k[0][len("moe_"):], -1 if k[0] == "dense_layer" else 9),
+                       k[3] or 0, k[4] or 0)
+    for key in sorted(runs, key=order):
+        name, tokens, threads, k, f_pct = key
+        if name == "dense_eigen":
+            continue
+        pair = runs[key]
+        fwd, bwd = pair.get("forward"), pair.get("backward")
+        if bwd is None:
+            continue
+        dense = runs.get(("dense_layer", tokens, threads, None, None), {}).get("backward")
+        eigen = runs.get(("dense_eigen", tokens, 1, None, None), {}).get("backward")
+        setting = f"k={k}" if k is not None else (f"f={f_pct / 100:.2f}" if f_pct is not None else "")
+        f = bwd.get("f")
+        row = [name.replace("moe_", ""), str(tokens), str(threads), setting, f"{f:.3f}" if f is not None else "",
+               fmt_time(fwd["t_ms"]) if fwd else "", fmt_time(bwd["t_ms"]),
+               f"{bwd['t_ms'] / fwd['t_ms']:.2f}" if fwd else "",
+               fmt_time(dense["t_ms"]) if dense else "", f"{dense['t_ms'] / bwd['t_ms']:.2f}x" if dense else "",
+               fmt_time(eigen["t_ms"]) if eigen else ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def context_line(ctx):
     keys = ["date", "host_name", "num_cpus", "mhz_per_cpu", "dmoe_version", "dmoe_build_type", "compiler_isa",
             "library_build_type"]
@@ -182,6 +219,7 @@ def main(argv=None):
     ap.add_argument("--stat", default="median",
                     help="aggregate to use when the file has repetitions (median, mean, min; default median)")
     ap.add_argument("--no-dense-summary", action="store_true", help="omit the dense-baseline table")
+    ap.add_argument("--backward", action="store_true", help="the file is from bench_backward: backward tables")
     args = ap.parse_args(argv)
 
     merged = {}
@@ -201,6 +239,13 @@ def main(argv=None):
             merged.pop(rec["run_name"], None)  # later files win
             merged[rec["run_name"]] = rec
     records = list(merged.values())
+    if args.backward:
+        text = "\n".join([f"<!-- {context_line(ctx)} -->"] if ctx else []) + "\n" + "\n".join(backward_markdown(records))
+        print(text)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return 0
     dense, eigen, moe = build_tables(records)
     if not moe:
         print("bench_table.py: no moe_* runs in the file", file=sys.stderr)

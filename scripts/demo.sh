@@ -6,28 +6,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 jobs="${DMOE_JOBS:-2}"
-packages=(cmake g++ libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev)
+source scripts/packages.sh
 
-ensure_packages() {
-  if ! command -v dpkg-query >/dev/null 2>&1; then
-    echo "demo.sh: not a Debian system; assuming ${packages[*]} (or equivalents) are installed" >&2
-    return 0
-  fi
-  local missing=() p
-  for p in "${packages[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-      missing+=("$p")
-    fi
-  done
-  [[ ${#missing[@]} -eq 0 ]] && return 0
-  echo "demo.sh: installing ${missing[*]}" >&2
-  local sudo=()
-  [[ $(id -u) -ne 0 ]] && sudo=(sudo)
-  "${sudo[@]}" apt-get update
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
-}
-
-ensure_packages
+ensure_packages demo.sh
 cmake --preset release
 cmake --build --preset release -j "$jobs" --target dmoe_examples
 

@@ -11,30 +11,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 jobs="${DMOE_JOBS:-2}"
-packages=(cmake g++ libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev)
-
-ensure_packages() {
-  if ! command -v dpkg-query >/dev/null 2>&1; then
-    echo "test.sh: not a Debian system; assuming ${packages[*]} (or equivalents) are installed" >&2
-    return 0
-  fi
-  local missing=() p
-  for p in "${packages[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-      missing+=("$p")
-    fi
-  done
-  [[ ${#missing[@]} -eq 0 ]] && return 0
-  echo "test.sh: installing ${missing[*]}" >&2
-  local sudo=()
-  [[ $(id -u) -ne 0 ]] && sudo=(sudo)
-  "${sudo[@]}" apt-get update
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
-}
+source scripts/packages.sh
 
 step() { printf '\n==== %s\n' "$*"; }
 
-ensure_packages
+ensure_packages test.sh
 
 step "release: configure"
 cmake --preset release
