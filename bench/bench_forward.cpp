@@ -21,11 +21,13 @@
 ///   bench_forward --benchmark_out=forward.json --benchmark_out_format=json
 ///   python3 scripts/bench_table.py forward.json
 ///
-/// With Google Benchmark's default minimum time (0.5 s per benchmark) a full run takes about
-/// 2-3 minutes on a 2-core machine, calibration included; --benchmark_min_time=0.2 roughly halves
-/// it. On a shared machine, --benchmark_repetitions=5 adds a "min" aggregate that
-/// scripts/bench_table.py --stat min reads. Refuses to run from a build without NDEBUG (assertions on, likely unoptimised) unless
-/// --force is given.
+/// With Google Benchmark's default minimum time (0.5 s per benchmark) a full run of the 81
+/// benchmarks takes about 1.5 minutes on a 2-core machine, calibration included (about 10 s of it);
+/// --benchmark_min_time=0.2 shortens it, --benchmark_min_time=0.001 makes a smoke run (~10 s in
+/// Release; in an -O0 build the calibration at 512 tokens alone takes minutes: filter to
+/// tokens:(1|8)/ there). On a shared machine, --benchmark_repetitions=5 adds a "min" aggregate
+/// that scripts/bench_table.py --stat min reads. Refuses to run from a build without NDEBUG or
+/// without optimisation unless --force is given (exit status 2).
 
 #include <algorithm>
 #include <cmath>

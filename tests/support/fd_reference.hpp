@@ -29,6 +29,8 @@
 #include <cstdint>
 #include <dmoe/dmoe.hpp>
 #include <dmoe/routing/aux_loss.hpp>
+
+#include "test_random.hpp"
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -38,29 +40,10 @@ namespace dmoe_fd {
 
 using dmoe::index_t;
 
-/// splitmix64; the same sequence everywhere (independent of dmoe::detail::rng).
-class rng {
+/// The backward tests' generator (its own seed scrambling, see test_random.hpp).
+class rng : public dmoe_testing::splitmix {
  public:
-  explicit rng(std::uint64_t seed) : s_(seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull) {}
-  std::uint64_t next() {
-    std::uint64_t z = (s_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return double(next() >> 11) * 0x1.0p-53; }
-  double uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }
-  /// In [lo, hi], inclusive.
-  int integer(int lo, int hi) { return lo + int(next() % std::uint64_t(hi - lo + 1)); }
-  bool coin(double p_true = 0.5) { return uniform() < p_true; }
-  double normal() {
-    double u1 = uniform();
-    if (u1 < 1e-300) u1 = 1e-300;
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * uniform());
-  }
-
- private:
-  std::uint64_t s_;
+  explicit rng(std::uint64_t seed) : splitmix(seed, 0x9E3779B97F4A7C15ull, 0x632BE59BD9B4E019ull) {}
 };
 
 // --- finite-difference criterion

@@ -19,34 +19,16 @@
 #include <dmoe/dmoe.hpp>
 
 #include "reference.hpp"
+#include "test_random.hpp"
 
 namespace dmoe_test {
 
 using dmoe::index_t;
 
-/// splitmix64 with a few conveniences; the same sequence on every platform.
-class test_rng {
+/// The forward tests' generator (its own seed scrambling, see test_random.hpp).
+class test_rng : public dmoe_testing::splitmix {
  public:
-  explicit test_rng(std::uint64_t seed) : s_(seed * 0x2545F4914F6CDD1Dull + 0x1234567ull) {}
-  std::uint64_t next() {
-    std::uint64_t z = (s_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return double(next() >> 11) * 0x1.0p-53; }
-  double uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }
-  /// Integer in [lo, hi] (inclusive).
-  int integer(int lo, int hi) { return lo + int(next() % std::uint64_t(hi - lo + 1)); }
-  bool coin(double p_true = 0.5) { return uniform() < p_true; }
-  double normal() {
-    double u1 = uniform();
-    if (u1 < 1e-300) u1 = 1e-300;
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * uniform());
-  }
-
- private:
-  std::uint64_t s_;
+  explicit test_rng(std::uint64_t seed) : splitmix(seed, 0x2545F4914F6CDD1Dull, 0x1234567ull) {}
 };
 
 template <class P>
@@ -127,31 +109,11 @@ inline dmoe::moe_config make_config(const case_params& p) {
 template <class T, class P, class A, std::size_t Ex = dmoe::dynamic_extent, std::size_t Wd = dmoe::dynamic_extent>
 using layer_t = dmoe::moe_layer<T, dmoe::cpu, P, A, Ex, Wd>;
 
-/// Random expert weights and biases, set element by element through the accessors.
 template <class T>
 void randomize_experts(dmoe::expert_weights<T>& w, test_rng& g) {
-  const double a1 = 1.0 / std::sqrt(double(w.d_model())), a2 = 1.0 / std::sqrt(double(w.width()));
-  for (index_t e = 0; e < w.num_experts(); ++e) {
-    auto w1 = w.w1(e);
-    for (index_t j = 0; j < w1.cols(); ++j)
-      for (index_t i = 0; i < w1.rows(); ++i) w1(i, j) = T(g.uniform(-a1, a1));
-    auto b1 = w.b1(e);
-    for (index_t j = 0; j < b1.size(); ++j) b1(j) = T(g.uniform(-a1, a1));
-    auto w2 = w.w2(e);
-    for (index_t j = 0; j < w2.cols(); ++j)
-      for (index_t i = 0; i < w2.rows(); ++i) w2(i, j) = T(g.uniform(-a2, a2));
-    auto be = w.expert_bias(e);
-    for (index_t j = 0; j < be.size(); ++j) be(j) = T(g.uniform(-0.5, 0.5));
-  }
-  auto b2 = w.output_bias();
-  for (index_t j = 0; j < b2.size(); ++j) b2(j) = T(g.uniform(-0.5, 0.5));
+  dmoe_testing::fill_experts_uniform(w, g);
 }
-
-template <class M>
-void fill_uniform(M&& m, test_rng& g, double lo, double hi) {
-  for (index_t j = 0; j < m.cols(); ++j)
-    for (index_t i = 0; i < m.rows(); ++i) m(i, j) = typename std::decay_t<M>::Scalar(g.uniform(lo, hi));
-}
+using dmoe_testing::fill_uniform;
 
 template <class T>
 void randomize_router(dmoe::top_k_router<T>& r, test_rng& g, const case_params&) {

@@ -118,28 +118,9 @@ inline dmoe::moe_config config_of(const case_cfg& c) {
 
 template <class T>
 void fill_experts(dmoe::expert_weights<T>& w, rng& g) {
-  const double a1 = 1.0 / std::sqrt(double(w.d_model())), a2 = 1.0 / std::sqrt(double(w.width()));
-  for (index_t e = 0; e < w.num_experts(); ++e) {
-    auto w1 = w.w1(e);
-    for (index_t j = 0; j < w1.cols(); ++j)
-      for (index_t i = 0; i < w1.rows(); ++i) w1(i, j) = T(g.uniform(-a1, a1));
-    auto b1 = w.b1(e);
-    for (index_t j = 0; j < b1.size(); ++j) b1(j) = T(g.uniform(-a1, a1));
-    auto w2 = w.w2(e);
-    for (index_t j = 0; j < w2.cols(); ++j)
-      for (index_t i = 0; i < w2.rows(); ++i) w2(i, j) = T(g.uniform(-a2, a2));
-    auto be = w.expert_bias(e);
-    for (index_t j = 0; j < be.size(); ++j) be(j) = T(g.uniform(-0.5, 0.5));
-  }
-  auto b2 = w.output_bias();
-  for (index_t j = 0; j < b2.size(); ++j) b2(j) = T(g.uniform(-0.5, 0.5));
+  dmoe_testing::fill_experts_uniform(w, g);
 }
-
-template <class M>
-void fill_uniform(M&& m, rng& g, double lo, double hi) {
-  for (index_t j = 0; j < m.cols(); ++j)
-    for (index_t i = 0; i < m.rows(); ++i) m(i, j) = typename std::decay_t<M>::Scalar(g.uniform(lo, hi));
-}
+using dmoe_testing::fill_uniform;
 
 template <class T>
 void fill_router(dmoe::top_k_router<T>& r, rng& g, const case_cfg&) {

@@ -1,0 +1,21 @@
+# Checks that the code between "// <name>-begin" and "// <name>-end" in a compiled test is printed,
+# character for character, in a Markdown document. Run by CTest:
+#   cmake -DSOURCE=<test.cpp> -DNAME=<marker> -DDOC=<doc.md> -P check_snippets.cmake
+file(READ "${SOURCE}" src)
+file(READ "${DOC}" doc)
+set(begin_marker "// ${NAME}-begin\n")
+set(end_marker "// ${NAME}-end")
+string(FIND "${src}" "${begin_marker}" b)
+string(FIND "${src}" "${end_marker}" e)
+if(b EQUAL -1 OR e EQUAL -1)
+  message(FATAL_ERROR "${SOURCE}: markers '${begin_marker}' / '${end_marker}' not found")
+endif()
+string(LENGTH "${begin_marker}" blen)
+math(EXPR start "${b} + ${blen}")
+math(EXPR len "${e} - ${start}")
+string(SUBSTRING "${src}" ${start} ${len} snippet)
+string(FIND "${doc}" "${snippet}" found)
+if(found EQUAL -1)
+  message(FATAL_ERROR "${DOC} does not contain the snippet '${NAME}' of ${SOURCE}; copy it from there")
+endif()
+message(STATUS "${DOC}: snippet '${NAME}' in sync")
