@@ -125,32 +125,27 @@ DMOE_TARGET_AVX2 inline void dot_row_block(index_t nr, index_t K, const float* c
 /// output block streams past them.
 template <index_t MR = 3, index_t NR = 4>
 DMOE_TARGET_AVX2 inline void product_nt_avx2(index_t m, index_t N, index_t K, row_source<float> a, const float* b,
-                                             index_t ldb, float* c, index_t ldc, index_t a_chunk_bytes = 96 * 1024,
-                                             index_t b_chunk_bytes = index_t(1) << 40) noexcept {
-  const index_t row_bytes = 4 * (std::max<index_t>)(K, 1);
-  const index_t mc = (std::max<index_t>)(MR, a_chunk_bytes / row_bytes / MR * MR);
-  const index_t nc = (std::max<index_t>)(NR, b_chunk_bytes / row_bytes / NR * NR);
-  for (index_t j_begin = 0; j_begin < N; j_begin += nc) {
-    const index_t j_end = (std::min)(N, j_begin + nc);
-    for (index_t i_begin = 0; i_begin < m; i_begin += mc) {
-      const index_t i_end = (std::min)(m, i_begin + mc);
-      for (index_t j0 = j_begin; j0 < j_end; j0 += NR) {
-        const index_t nr = (std::min)(NR, j_end - j0);
-        const float* bj = b + j0 * ldb;
-        for (index_t i0 = i_begin; i0 < i_end; i0 += MR) {
-          const index_t mr = (std::min)(MR, i_end - i0);
-          const float* ap[MR];
-          float* cp[MR];
-          for (index_t i = 0; i < mr; ++i) {
-            ap[i] = a.row(i0 + i);
-            cp[i] = c + (i0 + i) * ldc + j0;
-          }
-          switch (mr) {
-            case 4: dot_row_block<4>(nr, K, ap, bj, ldb, cp); break;
-            case 3: dot_row_block<3>(nr, K, ap, bj, ldb, cp); break;
-            case 2: dot_row_block<2>(nr, K, ap, bj, ldb, cp); break;
-            default: dot_row_block<1>(nr, K, ap, bj, ldb, cp); break;
-          }
+                                             index_t ldb, float* c, index_t ldc) noexcept {
+  constexpr index_t a_chunk_bytes = 96 * 1024;  // token rows kept in L2 while every output block passes
+  const index_t mc = (std::max<index_t>)(MR, a_chunk_bytes / (4 * (std::max<index_t>)(K, 1)) / MR * MR);
+  for (index_t i_begin = 0; i_begin < m; i_begin += mc) {
+    const index_t i_end = (std::min)(m, i_begin + mc);
+    for (index_t j0 = 0; j0 < N; j0 += NR) {
+      const index_t nr = (std::min)(NR, N - j0);
+      const float* bj = b + j0 * ldb;
+      for (index_t i0 = i_begin; i0 < i_end; i0 += MR) {
+        const index_t mr = (std::min)(MR, i_end - i0);
+        const float* ap[MR];
+        float* cp[MR];
+        for (index_t i = 0; i < mr; ++i) {
+          ap[i] = a.row(i0 + i);
+          cp[i] = c + (i0 + i) * ldc + j0;
+        }
+        switch (mr) {
+          case 4: dot_row_block<4>(nr, K, ap, bj, ldb, cp); break;
+          case 3: dot_row_block<3>(nr, K, ap, bj, ldb, cp); break;
+          case 2: dot_row_block<2>(nr, K, ap, bj, ldb, cp); break;
+          default: dot_row_block<1>(nr, K, ap, bj, ldb, cp); break;
         }
       }
     }

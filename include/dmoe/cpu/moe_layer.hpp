@@ -121,7 +121,6 @@ layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t to
   b.bwd.stride = round16(rows_per_task * (dm.d + dm.n + dm.f * dm.n));
   b.bwd.base = c.take<T>(threads * b.bwd.stride);
   b.rgrad.dscores = c.take<T>(tokens * dm.E);
-  b.rgrad.token_tmp = c.take<T>(tokens);
   b.rgrad.expert_tmp = c.take<T>(4 * dm.E);
   b.rgrad.rows_tmp = c.take<T>(rows_per_task * 2 * dm.E);
   b.rgrad.pack = b.pack.base;  // the router backward runs on the calling thread (worker 0)

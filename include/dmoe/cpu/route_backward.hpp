@@ -24,7 +24,6 @@ namespace dmoe::cpu_detail {
 template <class T>
 struct router_grad_scratch {
   T* dscores = nullptr;     ///< (tokens, E)
-  T* token_tmp = nullptr;   ///< (tokens)
   T* expert_tmp = nullptr;  ///< (4 E)
   T* rows_tmp = nullptr;    ///< (rows_per_task, 2 E)
   T* pack = nullptr;
