@@ -8,6 +8,10 @@
 #include "config.hpp"
 #include "executor.hpp"
 
+// cudaStream_t is `CUstream_st*`; declaring the struct lets context<cuda> name a stream in plain
+// C++ (no CUDA headers), so a CPU-only build compiles this file unchanged.
+struct CUstream_st;
+
 namespace dmoe {
 
 /// CPU backend: Eigen kernels, parallelism through an executor.
@@ -33,6 +37,13 @@ struct context<cpu> {
       for (index_t i = 0; i < n; ++i) f(i, index_t{0});
     }
   }
+};
+
+/// CUDA context: the stream every kernel of a call is enqueued on (null = the legacy default
+/// stream). A forward never synchronises it.
+template <>
+struct context<cuda> {
+  CUstream_st* stream = nullptr;
 };
 
 }  // namespace dmoe

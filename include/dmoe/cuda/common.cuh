@@ -1,0 +1,169 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// CUDA backend basics: error translation, owning device memory (cold path), storage types and
+/// their conversions, and the device-presence check the tests use.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../core/backend.hpp"
+#include "../core/status.hpp"
+#include "layout.hpp"
+
+#if !defined(__CUDACC__)
+#error "dmoe/cuda/*.cuh must be compiled by nvcc (a .cu translation unit)"
+#endif
+
+namespace dmoe {
+
+/// Storage types the CUDA backend accepts: float, __half, __nv_bfloat16 (accumulation is fp32).
+template <class T>
+inline constexpr bool is_cuda_storage_v =
+    std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+namespace cuda_detail {
+
+/// A failed CUDA call as a status (hot path).
+inline status cuda_failure(cudaError_t e, const char* what) noexcept {
+  status s = status::failure(errc::cuda_error, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+  s.set_native_code(static_cast<int>(e));
+  return s;
+}
+
+/// Throws dmoe::error on a failed CUDA call (cold path).
+inline void throw_on_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    detail::raisef(e == cudaErrorMemoryAllocation ? errc::out_of_memory : errc::cuda_error, "%s: %s (%s)", what,
+                   cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+// --- storage conversions (device) ------------------------------------------------------------
+template <class T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, float>)
+    return v;
+  else if constexpr (std::is_same_v<T, __half>)
+    return __half2float(v);
+  else
+    return __bfloat162float(v);
+}
+template <class T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, float>)
+    return v;
+  else if constexpr (std::is_same_v<T, __half>)
+    return __float2half_rn(v);
+  else
+    return __float2bfloat16_rn(v);
+}
+
+/// Host conversion of float weights to the storage type's bit pattern (cold path).
+template <class T>
+void convert_to_storage(const float* src, std::size_t count, T* dst) {
+  for (std::size_t i = 0; i < count; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      dst[i] = src[i];
+    } else {
+      if constexpr (std::is_same_v<T, __half>) {
+        __half_raw r;
+        r.x = float_to_half_bits(src[i]);
+        dst[i] = __half(r);
+      } else {
+        __nv_bfloat16_raw r;
+        r.x = float_to_bf16_bits(src[i]);
+        dst[i] = __nv_bfloat16(r);
+      }
+    }
+  }
+}
+template <class T>
+float storage_to_float(T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    if constexpr (std::is_same_v<T, __half>)
+      return half_bits_to_float(static_cast<__half_raw>(v).x);
+    else
+      return bf16_bits_to_float(static_cast<__nv_bfloat16_raw>(v).x);
+  }
+}
+
+}  // namespace cuda_detail
+
+/// Owning device array (cold path: the constructor allocates, the destructor frees). Move-only.
+template <class T>
+class device_array {
+ public:
+  device_array() = default;
+  explicit device_array(std::size_t count) : count_(count) {
+    if (count > 0) cuda_detail::throw_on_cuda(cudaMalloc(reinterpret_cast<void**>(&ptr_), count * sizeof(T)), "device_array: cudaMalloc");
+  }
+  device_array(const device_array&) = delete;
+  device_array& operator=(const device_array&) = delete;
+  device_array(device_array&& o) noexcept : ptr_(o.ptr_), count_(o.count_) {
+    o.ptr_ = nullptr;
+    o.count_ = 0;
+  }
+  device_array& operator=(device_array&& o) noexcept {
+    if (this != &o) {
+      release();
+      ptr_ = o.ptr_;
+      count_ = o.count_;
+      o.ptr_ = nullptr;
+      o.count_ = 0;
+    }
+    return *this;
+  }
+  ~device_array() { release(); }
+
+  T* data() const noexcept { return ptr_; }
+  std::size_t size() const noexcept { return count_; }
+  bool empty() const noexcept { return count_ == 0; }
+
+  /// Synchronous copy from host (count elements).
+  void upload(const T* src, std::size_t count) {
+    if (count > count_)
+      detail::raisef(errc::invalid_argument, "device_array::upload: %zu elements into an array of %zu", count, count_);
+    if (count > 0)
+      cuda_detail::throw_on_cuda(cudaMemcpy(ptr_, src, count * sizeof(T), cudaMemcpyHostToDevice),
+                                 "device_array::upload: cudaMemcpy");
+  }
+  void upload(const std::vector<T>& v) { upload(v.data(), v.size()); }
+  /// Synchronous copy to host (the whole array).
+  std::vector<T> download() const {
+    std::vector<T> v(count_);
+    if (count_ > 0)
+      cuda_detail::throw_on_cuda(cudaMemcpy(v.data(), ptr_, count_ * sizeof(T), cudaMemcpyDeviceToHost),
+                                 "device_array::download: cudaMemcpy");
+    return v;
+  }
+
+ private:
+  void release() noexcept {
+    if (ptr_) (void)cudaFree(ptr_);
+    ptr_ = nullptr;
+    count_ = 0;
+  }
+  T* ptr_ = nullptr;
+  std::size_t count_ = 0;
+};
+
+/// Number of visible CUDA devices (0 when there is no driver or no device).
+inline int cuda_device_count() noexcept {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky-free error so later calls are unaffected
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace dmoe

@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// Dispatch on the device: the plan's slots in expert-major order, stable in token order, without
+/// the host ever learning the counts.
+///  - items > small_dispatch_max_items: cub::DeviceRadixSort on key_bits(E) bits of (expert id |
+///    sentinel E) over ALL tokens * max_k strided slots (the host knows that length; unused slots
+///    carry the sentinel and sort last), then one pass that finds the expert boundaries.
+///  - otherwise (decode): one block does a counting sort in shared memory (histogram, scan, a
+///    warp-synchronous stable scatter) in a single launch.
+/// Both are stable, so both give the same order: token order within an expert.
+/// Then the M-tile offsets of the grouped GEMMs are scanned on the device from the expert offsets.
+
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include "common.cuh"
+
+namespace dmoe::cuda_detail {
+
+/// After the radix sort: expert_offsets from the boundaries of the sorted keys, sorted_token and
+/// slot_row (the inverse permutation) for the used slots. Thread r looks at sorted rows r - 1, r.
+__global__ void finish_dispatch_kernel(layer_buffers b, int E, int max_k) {
+  const index_t r = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r > b.items) return;
+  const int prev = r == 0 ? -1 : b.sort_keys_out[r - 1];
+  const int cur = r == b.items ? E : b.sort_keys_out[r];
+  for (int e = prev + 1; e <= cur; ++e) b.expert_offsets[e] = static_cast<std::int32_t>(r);
+  if (r < b.items && cur < E) {
+    const std::int32_t v = b.sort_vals_out[r];
+    b.sorted_token[r] = v / max_k;
+    b.slot_row[v] = static_cast<std::int32_t>(r);
+  }
+}
+
+/// The decode path: one block, items <= small_dispatch_max_items, E + 1 bins in shared memory.
+__global__ void __launch_bounds__(single_block_threads) small_dispatch_kernel(layer_buffers b, int E, int max_k) {
+  extern __shared__ int cursor[];  // (E + 1)
+  const int tid = static_cast<int>(threadIdx.x);
+  const int items = static_cast<int>(b.items);
+  for (int e = tid; e <= E; e += blockDim.x) cursor[e] = 0;
+  __syncthreads();
+  for (int j = tid; j < items; j += blockDim.x) atomicAdd(&cursor[b.sort_keys[j]], 1);  // counts: order-free
+  __syncthreads();
+  if (tid == 0) {
+    int run = 0;
+    for (int e = 0; e <= E; ++e) {
+      const int c = cursor[e];
+      cursor[e] = run;
+      b.expert_offsets[e] = run;
+      run += c;
+    }
+  }
+  __syncthreads();
+  if (tid < 32) {
+    // Warp 0 scatters 32 items at a time in item order; lanes with equal keys take consecutive
+    // positions in lane order, so the result is stable.
+    const unsigned lt = (1u << tid) - 1u;
+    for (int j0 = 0; j0 < items; j0 += 32) {
+      const int j = j0 + tid;
+      const int key = j < items ? b.sort_keys[j] : E + 1 + tid;  // distinct dummy keys past the end
+      const unsigned same = __match_any_sync(0xffffffffu, key);
+      const int rank = __popc(same & lt);
+      int pos = 0;
+      if (j < items) pos = cursor[key] + rank;
+      __syncwarp();
+      if (j < items && (same >> tid) == 1u) cursor[key] += __popc(same);  // highest lane of its group
+      __syncwarp();
+      if (j < items && key < E) {
+        b.sort_vals_out[pos] = j;
+        b.sorted_token[pos] = j / max_k;
+        b.slot_row[j] = pos;
+      }
+    }
+  }
+}
+
+/// tile_offsets[e] = sum over experts before e of ceil(rows_e / gemm_bm); tile_offsets[E] is the
+/// number of M-tiles. Serial (E is small); one thread.
+__global__ void tile_offsets_kernel(layer_buffers b, int E) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int run = 0;
+  for (int e = 0; e < E; ++e) {
+    b.tile_offsets[e] = run;
+    run += (b.expert_offsets[e + 1] - b.expert_offsets[e] + gemm_bm - 1) / gemm_bm;
+  }
+  b.tile_offsets[E] = run;
+}
+
+/// k histogram of the statistics (shared-memory counts: integer sums, order-free).
+__global__ void __launch_bounds__(single_block_threads) k_histogram_kernel(layer_buffers b, int E) {
+  extern __shared__ int hist[];  // (E + 1)
+  for (int e = static_cast<int>(threadIdx.x); e <= E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  for (index_t t = threadIdx.x; t < b.tokens; t += blockDim.x) atomicAdd(&hist[b.counts[t]], 1);
+  __syncthreads();
+  for (int e = static_cast<int>(threadIdx.x); e <= E; e += blockDim.x) b.k_histogram[e] = hist[e];
+}
+
+/// Whether the one-block decode dispatch applies (its bins must fit the default shared memory).
+inline bool use_small_dispatch(index_t items, index_t E) noexcept {
+  return items <= small_dispatch_max_items && (E + 1) * static_cast<index_t>(sizeof(int)) <= 32 * 1024;
+}
+
+/// Bytes of CUB's temporaries for these item counts (host query; CUB launches nothing).
+inline status cub_temp_bytes(index_t items, index_t tokens, int key_bit_count, std::size_t& sort_bytes,
+                             std::size_t& scan_bytes) noexcept {
+  sort_bytes = 0;
+  scan_bytes = 0;
+  if (items > 0) {
+    cudaError_t e = cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const std::int32_t*>(nullptr),
+                                                   static_cast<std::int32_t*>(nullptr),
+                                                   static_cast<const std::int32_t*>(nullptr),
+                                                   static_cast<std::int32_t*>(nullptr), static_cast<int>(items), 0,
+                                                   key_bit_count);
+    if (e != cudaSuccess) return cuda_failure(e, "cub::DeviceRadixSort::SortPairs (size query)");
+  }
+  if (tokens > 0) {
+    cudaError_t e = cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const std::int32_t*>(nullptr),
+                                                  static_cast<index_t*>(nullptr), static_cast<int>(tokens + 1));
+    if (e != cudaSuccess) return cuda_failure(e, "cub::DeviceScan::ExclusiveSum (size query)");
+  }
+  return {};
+}
+
+/// Enqueues the dispatch of the strided slots in `b` (keys and values written by select_kernel).
+inline status dispatch(layer_buffers& b, int E, int max_k, cudaStream_t stream) noexcept {
+  cudaError_t e = cudaSuccess;
+  if (use_small_dispatch(b.items, E)) {
+    small_dispatch_kernel<<<1, single_block_threads, static_cast<std::size_t>(E + 1) * sizeof(int), stream>>>(b, E,
+                                                                                                         max_k);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "small_dispatch_kernel launch");
+  } else {
+    std::size_t bytes = b.sort_temp_bytes;
+    e = cub::DeviceRadixSort::SortPairs(b.sort_temp, bytes, b.sort_keys, b.sort_keys_out, b.sort_vals,
+                                        b.sort_vals_out, static_cast<int>(b.items), 0, key_bits(E), stream);
+    if (e != cudaSuccess) return cuda_failure(e, "cub::DeviceRadixSort::SortPairs");
+    finish_dispatch_kernel<<<static_cast<unsigned>(blocks_for(b.items + 1, 256)), 256, 0, stream>>>(b, E, max_k);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "finish_dispatch_kernel launch");
+  }
+  tile_offsets_kernel<<<1, 32, 0, stream>>>(b, E);
+  if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "tile_offsets_kernel launch");
+  return {};
+}
+
+}  // namespace dmoe::cuda_detail

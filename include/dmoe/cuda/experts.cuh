@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// Experts as grouped GEMMs over variable-size groups (one group per expert, rows in expert-major
+/// order), on tensor cores through WMMA: fp16 and bf16 as 16x16x16 with fp32 accumulators, fp32
+/// storage as TF32 16x16x8 (inputs rounded to TF32, fp32 accumulation). Persistent grid: the host
+/// launches enough blocks for the worst case (or to fill the GPU); each block walks the linear
+/// tile list whose length, tile_offsets[E] * column tiles, only the device knows; blocks past it
+/// exit. Needs sm_80 or newer (bf16 WMMA).
+///  - first GEMM: rows of x gathered through sorted_token as the tile is loaded (no copy of the
+///    activations), + b1, activation (gated: act(gate) * up from two accumulator tiles of the same
+///    block) in the epilogue, stored as T into `hidden` (sorted rows, width n);
+///  - second GEMM: hidden rows (already sorted, contiguous) times W2_e, + b2_e, stored as T into
+///    `out` (sorted rows, width d). The combine (combine.cuh) weights and sums them per token.
+/// Each output element is one warp's fragment accumulated over K in a fixed order: deterministic.
+
+#include <mma.h>
+
+#include "common.cuh"
+
+namespace dmoe::cuda_detail {
+
+template <class T>
+struct mma_traits;
+template <>
+struct mma_traits<float> {
+  static constexpr int wk = 8;  // TF32 m16n16k8
+  static constexpr int pad = 4;
+  using a_frag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                        nvcuda::wmma::row_major>;
+  using b_frag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                        nvcuda::wmma::col_major>;
+  using c_frag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+};
+template <>
+struct mma_traits<__half> {
+  static constexpr int wk = 16;
+  static constexpr int pad = 8;
+  using a_frag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major>;
+  using b_frag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __half, nvcuda::wmma::col_major>;
+  using c_frag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+};
+template <>
+struct mma_traits<__nv_bfloat16> {
+  static constexpr int wk = 16;
+  static constexpr int pad = 8;
+  using a_frag =
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>;
+  using b_frag =
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major>;
+  using c_frag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+};
+
+/// Shared-memory plan of one GEMM block (host-visible so the size is checked at compile time).
+template <class T, int NB>
+struct gemm_smem {
+  static constexpr int lds = gemm_bk + mma_traits<T>::pad;  // row length of the A and B tiles
+  static constexpr int ldc = gemm_bn + 4;                   // row length of the fp32 epilogue tile
+  static constexpr std::size_t a_bytes = sizeof(T) * gemm_bm * lds;
+  static constexpr std::size_t b_bytes = sizeof(T) * NB * gemm_bn * lds;
+  static constexpr std::size_t c_bytes = sizeof(float) * NB * gemm_bm * ldc;
+  static constexpr std::size_t main_bytes = a_bytes + b_bytes;
+  static constexpr std::size_t bytes = main_bytes > c_bytes ? main_bytes : c_bytes;
+  static_assert(bytes + gemm_bm * sizeof(int) <= 48 * 1024, "GEMM tile exceeds static shared memory");
+  // WMMA loads and stores need 256-bit aligned pointers: every fragment offset below is a multiple
+  // of 16 rows or of wk columns, which these keep 32-byte aligned.
+  static_assert((16 * lds * sizeof(T)) % 32 == 0 && (mma_traits<T>::wk * sizeof(T)) % 32 == 0, "WMMA alignment");
+  static_assert((16 * ldc * sizeof(float)) % 32 == 0 && a_bytes % 32 == 0, "WMMA alignment");
+};
+
+enum class gemm_stage : int { first = 1, second = 2 };
+
+/// Arguments of one grouped GEMM: out[row, c] = epi(sum_k A[src(row), k] W_e[k, c]) for sorted rows
+/// row of expert e, W_e column-major (K x columns), column c contiguous.
+template <class T>
+struct gemm_args {
+  const T* a = nullptr;
+  index_t lda = 0;
+  const std::int32_t* gather = nullptr;  ///< token of each sorted row (first GEMM), or null: row itself
+  const T* w = nullptr;
+  index_t w_expert_stride = 0;  ///< elements between experts' matrices
+  const T* bias = nullptr;      ///< per expert, bias_expert_stride apart; null: none
+  index_t bias_expert_stride = 0;
+  T* out = nullptr;  ///< (rows, N) dense
+  int K = 0;
+  int N = 0;  ///< output columns (gated: hidden units; the up columns follow at N in W and bias)
+  int E = 0;
+  const std::int32_t* expert_offsets = nullptr;
+  const std::int32_t* tile_offsets = nullptr;
+};
+
+template <class T, class Act, gemm_stage Stage>
+__global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T> g) {
+  using namespace nvcuda;
+  constexpr bool gated = Stage == gemm_stage::first && Act::gated;
+  constexpr int NB = gated ? 2 : 1;
+  using tr = mma_traits<T>;
+  using sm = gemm_smem<T, NB>;
+  static_assert(gemm_threads == 128 && gemm_bm == 64 && gemm_bn == 64, "4 warps of 32 x 32");
+  static_assert(gemm_bk % tr::wk == 0, "BK must be a multiple of the MMA K");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 / tf32 WMMA need sm_80+; the host side refuses older devices
+#else
+  __shared__ __align__(128) unsigned char smem[sm::bytes];
+  __shared__ int row_src[gemm_bm];
+  T* As = reinterpret_cast<T*>(smem);
+  T* Bs = reinterpret_cast<T*>(smem + sm::a_bytes);
+  float* Cs = reinterpret_cast<float*>(smem);  // reused after the main loop
+
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32;
+  const int wm = warp / 2, wn = warp % 2;
+  const int ntn = (g.N + gemm_bn - 1) / gemm_bn;
+  const int total = g.tile_offsets[g.E] * ntn;
+  const T zero = from_float<T>(0.f);
+
+  for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
+    const int mt = tile / ntn, nt = tile % ntn;
+    // Expert of M-tile mt: the largest e with tile_offsets[e] <= mt (empty experts share offsets).
+    int lo = 0, hi = g.E;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (g.tile_offsets[mid] <= mt)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    const int e = lo;
+    const int row0 = g.expert_offsets[e] + (mt - g.tile_offsets[e]) * gemm_bm;
+    const int row_end = g.expert_offsets[e + 1];
+    const int col0 = nt * gemm_bn;
+    const T* w = g.w + static_cast<index_t>(e) * g.w_expert_stride;
+
+    for (int r = tid; r < gemm_bm; r += gemm_threads) {
+      const int row = row0 + r;
+      row_src[r] = row < row_end ? (g.gather ? g.gather[row] : row) : -1;
+    }
+    __syncthreads();
+
+    typename tr::c_frag acc[NB][2][2];
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[b][i][j], 0.f);
+
+    for (int k0 = 0; k0 < g.K; k0 += gemm_bk) {
+      // Load: consecutive threads read consecutive k of one row (gathered) / one weight column.
+      for (int idx = tid; idx < gemm_bm * gemm_bk; idx += gemm_threads) {
+        const int r = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk;
+        const int src = row_src[r];
+        As[r * sm::lds + kk] = (src >= 0 && k < g.K) ? g.a[static_cast<index_t>(src) * g.lda + k] : zero;
+      }
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+        for (int idx = tid; idx < gemm_bn * gemm_bk; idx += gemm_threads) {
+          const int c = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk, col = col0 + c;
+          Bs[(b * gemm_bn + c) * sm::lds + kk] =
+              (col < g.N && k < g.K) ? w[static_cast<index_t>(col + b * g.N) * g.K + k] : zero;
+        }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < gemm_bk; kk += tr::wk) {
+        typename tr::a_frag af[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          wmma::load_matrix_sync(af[i], As + (wm * 32 + i * 16) * sm::lds + kk, sm::lds);
+          if constexpr (std::is_same_v<T, float>)
+            for (int q = 0; q < af[i].num_elements; ++q) af[i].x[q] = wmma::__float_to_tf32(af[i].x[q]);
+        }
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            typename tr::b_frag bf;
+            wmma::load_matrix_sync(bf, Bs + (b * gemm_bn + wn * 32 + j * 16) * sm::lds + kk, sm::lds);
+            if constexpr (std::is_same_v<T, float>)
+              for (int q = 0; q < bf.num_elements; ++q) bf.x[q] = wmma::__float_to_tf32(bf.x[q]);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[b][i][j], af[i], bf, acc[b][i][j]);
+          }
+      }
+      __syncthreads();
+    }
+
+    // Epilogue through shared memory: bias, activation, conversion to T, masked store.
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          wmma::store_matrix_sync(Cs + b * gemm_bm * sm::ldc + (wm * 32 + i * 16) * sm::ldc + wn * 32 + j * 16,
+                                  acc[b][i][j], sm::ldc, wmma::mem_row_major);
+    __syncthreads();
+    const T* bias = g.bias ? g.bias + static_cast<index_t>(e) * g.bias_expert_stride : nullptr;
+    for (int idx = tid; idx < gemm_bm * gemm_bn; idx += gemm_threads) {
+      const int r = idx / gemm_bn, c = idx % gemm_bn, row = row0 + r, col = col0 + c;
+      if (row >= row_end || col >= g.N) continue;
+      float v = Cs[r * sm::ldc + c] + (bias ? to_float(bias[col]) : 0.f);
+      if constexpr (gated) {
+        const float up = Cs[gemm_bm * sm::ldc + r * sm::ldc + c] + (bias ? to_float(bias[g.N + col]) : 0.f);
+        v = Act::base::template apply<float>(v) * up;
+      } else if constexpr (Stage == gemm_stage::first) {
+        v = Act::template apply<float>(v);
+      }
+      g.out[static_cast<index_t>(row) * g.N + col] = from_float<T>(v);
+    }
+    __syncthreads();  // Cs aliases the next tile's A/B tiles and row_src is rewritten
+  }
+#endif
+}
+
+/// Launches one grouped GEMM on a persistent grid of `grid` blocks.
+template <class T, class Act, gemm_stage Stage>
+cudaError_t grouped_gemm(const gemm_args<T>& g, index_t grid, cudaStream_t stream) noexcept {
+  grouped_gemm_kernel<T, Act, Stage><<<static_cast<unsigned>(grid), gemm_threads, 0, stream>>>(g);
+  return cudaGetLastError();
+}
+
+/// y[t] = b2 + sum over t's slots in slot order (ascending expert id) of w_s out[slot_row[s]]:
+/// a gather-sum, one block per token, fp32 accumulation, no atomics.
+template <class T>
+__global__ void __launch_bounds__(combine_threads)
+    combine_kernel(layer_buffers b, const T* __restrict__ out, const T* __restrict__ b2, T* __restrict__ y, index_t ldy,
+                   int d, int max_k) {
+  const index_t t = blockIdx.x;
+  const int cnt = b.counts[t];
+  const index_t base = t * max_k;
+  for (int c = static_cast<int>(threadIdx.x); c < d; c += combine_threads) {
+    float acc = b2 ? to_float(b2[c]) : 0.f;
+    for (int i = 0; i < cnt; ++i)
+      acc = fmaf(b.slot_weight[base + i], to_float(out[static_cast<index_t>(b.slot_row[base + i]) * d + c]), acc);
+    y[t * ldy + c] = from_float<T>(acc);
+  }
+}
+
+}  // namespace dmoe::cuda_detail

@@ -1,0 +1,148 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// Routing on the device: router products (fp32 SIMT tiles, fixed summation order), the per-token
+/// rule of routing/selection.hpp (the very functions the CPU backend calls), and the compaction of
+/// the strided per-token selections into the plan's compressed rows. Every size is known on the
+/// host from the token count; a NaN score is recorded on the device (error_token), never waited on.
+
+#include <cstdint>
+
+#include "../routing/selection.hpp"
+#include "common.cuh"
+
+namespace dmoe::cuda_detail {
+
+enum class router_epilogue : int { none = 0, relu = 1, abs = 2 };
+
+/// C (rows x M, dense) = epi(A (rows x K, row stride lda) B + bias), B column-major (K x M), fp32
+/// accumulate. One 32 x 32 tile per block; each thread owns 4 rows of one column.
+template <class TA>
+__global__ void __launch_bounds__(router_threads)
+    router_product_kernel(const TA* __restrict__ A, index_t lda, int rows, int K, const float* __restrict__ B, int M,
+                          const float* __restrict__ bias, float* __restrict__ C, router_epilogue epi) {
+  static_assert(router_tile == 32 && router_threads == 256, "router_product_kernel assumes a 32 x 32 tile, 8 warps");
+  __shared__ float As[router_tile][router_tile + 1];
+  __shared__ float Bs[router_tile][router_tile + 1];
+  const int tid = static_cast<int>(threadIdx.x), tx = tid % 32, ty = tid / 32;
+  const int row0 = static_cast<int>(blockIdx.y) * router_tile, col0 = static_cast<int>(blockIdx.x) * router_tile;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int k0 = 0; k0 < K; k0 += router_tile) {
+    for (int idx = tid; idx < router_tile * router_tile; idx += router_threads) {
+      const int r = idx / router_tile, kk = idx % router_tile;
+      const int gr = row0 + r, gk = k0 + kk;
+      As[r][kk] = (gr < rows && gk < K) ? to_float(A[static_cast<index_t>(gr) * lda + gk]) : 0.f;
+      const int gc = col0 + r;  // here r indexes the column, kk the reduction
+      Bs[kk][r] = (gc < M && gk < K) ? B[static_cast<index_t>(gc) * K + gk] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < router_tile; ++kk) {
+      const float b = Bs[kk][tx];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] = fmaf(As[ty * 4 + i][kk], b, acc[i]);
+    }
+    __syncthreads();
+  }
+  const int c = col0 + tx;
+  if (c >= M) return;
+  for (int i = 0; i < 4; ++i) {
+    const int r = row0 + ty * 4 + i;
+    if (r >= rows) continue;
+    float v = acc[i] + (bias ? bias[c] : 0.f);
+    if (epi == router_epilogue::relu) v = v < 0.f ? 0.f : v;  // keeps NaN, as the CPU router does
+    if (epi == router_epilogue::abs) v = fabsf(v);
+    C[static_cast<index_t>(r) * M + c] = v;
+  }
+}
+
+template <class TA>
+cudaError_t router_product(const TA* A, index_t lda, index_t rows, index_t K, const float* B, index_t M,
+                           const float* bias, float* C, router_epilogue epi, cudaStream_t stream) noexcept {
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, router_tile)), static_cast<unsigned>(ceil_div(rows, router_tile)));
+  router_product_kernel<TA><<<grid, router_threads, 0, stream>>>(A, lda, static_cast<int>(rows), static_cast<int>(K), B,
+                                                                 static_cast<int>(M), bias, C, epi);
+  return cudaGetLastError();
+}
+
+/// Device parameters of the selection rule of one policy.
+struct select_params {
+  int policy = 0;  ///< 0 top_k, 1 dynamic_k, 2 top_any
+  int E = 0;
+  int max_k = 0;   ///< stride of the per-token selections
+  int k = 0;       ///< top_k: k; dynamic_k: k_max cap (0 = none)
+  bool renormalize = true;
+  float tau = 0.f;
+  bool training = false;
+  const float* expert_norm = nullptr;      ///< top_any: max(|w_e|, eps)
+  const float* threshold = nullptr;        ///< top_any: g
+  const std::uint8_t* active = nullptr;    ///< top_any: mask
+  float norm_eps = 1e-12f;
+};
+
+/// One warp per token: applies the policy's rule (routing/selection.hpp) to the token's scores,
+/// writes its selections at stride max_k, its count, and its radix-sort keys (expert id, or the
+/// sentinel E for unused slots) with values = the strided slot index.
+template <class T>
+__global__ void __launch_bounds__(select_warps * 32)
+    select_kernel(select_params p, const T* __restrict__ x, index_t ldx, int d, int tokens, float* __restrict__ scores,
+                  layer_buffers b) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int t = static_cast<int>(blockIdx.x) * select_warps + static_cast<int>(threadIdx.x) / 32;
+  if (blockIdx.x == 0 && threadIdx.x == 0) b.counts[tokens] = 0;
+  if (t >= tokens) return;
+  float* s = scores + static_cast<index_t>(t) * p.E;
+  const index_t base = static_cast<index_t>(t) * p.max_k;
+  if (p.policy == 2) {
+    // cos_te = <x, w_e> / (max(|x|, eps) max(|w_e|, eps)); |x| reduced in a fixed lane order.
+    const T* xr = x + static_cast<index_t>(t) * ldx;
+    float sq = 0.f;
+    for (int j = lane; j < d; j += 32) {
+      const float v = to_float(xr[j]);
+      sq = fmaf(v, v, sq);
+    }
+    for (int off = 16; off > 0; off /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    const float xn = fmaxf(sqrtf(sq), p.norm_eps);
+    for (int e = lane; e < p.E; e += 32) s[e] = s[e] / (xn * p.expert_norm[e]);
+    __syncwarp();
+  }
+  int c = 0;
+  if (lane == 0) {
+    index_t cnt = 0;
+    if (p.policy == 0) {
+      float lse = 0.f;
+      cnt = detail::select_top_k(s, p.E, p.k, p.renormalize, b.slot_expert + base, b.slot_weight + base, &lse);
+    } else if (p.policy == 1) {
+      cnt = detail::select_dynamic_k(s, p.E, p.tau, p.k, b.slot_expert + base, b.slot_weight + base);
+    } else {
+      cnt = detail::select_top_any(s, p.threshold, p.active, p.E, p.training, b.slot_expert + base,
+                                   b.slot_weight + base);
+    }
+    if (cnt < 0) {
+      atomicMin(b.error_token, static_cast<unsigned long long>(t));  // min is order-independent
+      cnt = 0;
+    }
+    c = static_cast<int>(cnt);
+    b.counts[t] = c;
+  }
+  c = __shfl_sync(0xffffffffu, c, 0);
+  __syncwarp();
+  for (int i = lane; i < p.max_k; i += 32) {
+    b.sort_keys[base + i] = i < c ? b.slot_expert[base + i] : p.E;
+    b.sort_vals[base + i] = static_cast<std::int32_t>(base + i);
+  }
+}
+
+/// Copies each token's selections from the strided layout into the compressed plan rows.
+__global__ void compact_plan_kernel(layer_buffers b, int max_k) {
+  const index_t j = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= b.items) return;
+  const index_t t = j / max_k, i = j % max_k;
+  if (i >= b.counts[t]) return;
+  const index_t dst = b.token_offsets[t] + i;
+  b.plan_expert[dst] = b.slot_expert[j];
+  b.plan_weight[dst] = b.slot_weight[j];
+}
+
+}  // namespace dmoe::cuda_detail
