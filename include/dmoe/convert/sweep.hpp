@@ -13,10 +13,13 @@
 ///    gated)) / dense FLOPs (2 d (E n) (2|3) per token). Matrix products only, a multiply-add
 ///    counted as 2; biases, activations, the |.| and the selection are not counted (routing_stats);
 ///  - rel_error = ||Y - Y_ref||_F / ||Y_ref||_F over all tokens (outputs include the shared b2);
+///  - token_rel_error = mean over tokens of |y_t - y_ref_t| / |y_ref_t| (every token weighs the
+///    same; rel_error is dominated by the tokens with the largest outputs);
 ///  - mean_cosine = mean over tokens of <y_t, y_ref_t> / (|y_t| |y_ref_t|) (1 when both are zero,
 ///    0 when only one is).
 /// Cold path: allocates, throws dmoe::error.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -52,6 +55,7 @@ struct sweep_point {
   double expert_fraction = 0;  ///< executed experts / dense
   double router_fraction = 0;  ///< router / dense
   double rel_error = 0;        ///< ||Y - Y_ref||_F / ||Y_ref||_F
+  double token_rel_error = 0;  ///< mean over tokens of |y_t - y_ref_t| / |y_ref_t|
   double mean_cosine = 0;      ///< mean over tokens of cos(y_t, y_ref_t)
 };
 
@@ -66,10 +70,12 @@ row_matrix<T> dense_output(const context<cpu>& ctx, const dense_ffn<T, Activatio
 
 namespace convert_detail {
 
-/// Relative Frobenius error and mean per-token cosine of y against y_ref, accumulated in double.
+/// Relative Frobenius error, mean per-token relative error and mean per-token cosine of y against
+/// y_ref, accumulated in double.
 template <class T>
-void compare_outputs(matrix_view<const T> y, matrix_view<const T> ref, double& rel_error, double& mean_cosine) {
-  double diff2 = 0, ref2 = 0, cos_sum = 0;
+void compare_outputs(matrix_view<const T> y, matrix_view<const T> ref, double& rel_error, double& token_rel_error,
+                     double& mean_cosine) {
+  double diff2 = 0, ref2 = 0, cos_sum = 0, tok_sum = 0;
   for (index_t t = 0; t < y.rows; ++t) {
     double dot = 0, yy = 0, rr = 0, dd = 0;
     for (index_t j = 0; j < y.cols; ++j) {
@@ -81,6 +87,10 @@ void compare_outputs(matrix_view<const T> y, matrix_view<const T> ref, double& r
     }
     diff2 += dd;
     ref2 += rr;
+    if (rr > 0)
+      tok_sum += std::sqrt(dd / rr);
+    else if (dd > 0)
+      tok_sum += std::numeric_limits<double>::infinity();
     if (yy > 0 && rr > 0)
       cos_sum += dot / (std::sqrt(yy) * std::sqrt(rr));
     else if (yy == 0 && rr == 0)
@@ -88,6 +98,7 @@ void compare_outputs(matrix_view<const T> y, matrix_view<const T> ref, double& r
   }
   rel_error = ref2 > 0 ? std::sqrt(diff2 / ref2) : (diff2 > 0 ? std::numeric_limits<double>::infinity() : 0.0);
   mean_cosine = y.rows > 0 ? cos_sum / double(y.rows) : 1.0;
+  token_rel_error = y.rows > 0 ? tok_sum / double(y.rows) : 0.0;
 }
 
 template <class Layer, class T>
@@ -133,7 +144,8 @@ sweep_point measure_point(const context<cpu>& ctx, const moe_layer<T, cpu, dynam
   p.flops_fraction = stats.executed_fraction();
   p.expert_fraction = stats.active_fraction();
   p.router_fraction = stats.dense_flops > 0 ? stats.router_flops / stats.dense_flops : 0.0;
-  convert_detail::compare_outputs<T>(matrix_view<const T>(y), y_ref, p.rel_error, p.mean_cosine);
+  convert_detail::compare_outputs<T>(matrix_view<const T>(y), y_ref, p.rel_error, p.token_rel_error,
+                                     p.mean_cosine);
   return p;
 }
 
@@ -175,10 +187,35 @@ std::vector<sweep_point> sweep_top_k(const context<cpu>& ctx,
   return out;
 }
 
+/// An error measure of a cost/accuracy curve at FLOPs fraction f (`metric`: rel_error by default,
+/// or &sweep_point::token_rel_error): linear interpolation in f between the two points of `curve`
+/// that bracket f. Points are sorted by flops_fraction; of points with equal fractions only the
+/// lowest error counts. NaN when f lies outside the curve's range or the curve is empty.
+inline double interpolate_error(std::vector<sweep_point> curve, double f,
+                                double sweep_point::*metric = &sweep_point::rel_error) {
+  std::sort(curve.begin(), curve.end(), [metric](const sweep_point& a, const sweep_point& b) {
+    return a.flops_fraction < b.flops_fraction || (a.flops_fraction == b.flops_fraction && a.*metric < b.*metric);
+  });
+  curve.erase(std::unique(curve.begin(), curve.end(),
+                          [](const sweep_point& a, const sweep_point& b) { return a.flops_fraction == b.flops_fraction; }),
+              curve.end());
+  for (std::size_t i = 0; i < curve.size(); ++i) {
+    const auto& b = curve[i];
+    if (b.flops_fraction == f) return b.*metric;
+    if (b.flops_fraction > f) {
+      if (i == 0) break;
+      const auto& a = curve[i - 1];
+      const double w = (f - a.flops_fraction) / (b.flops_fraction - a.flops_fraction);
+      return a.*metric + w * (b.*metric - a.*metric);
+    }
+  }
+  return std::numeric_limits<double>::quiet_NaN();
+}
+
 /// CSV header of write_sweep_csv, without the newline.
 inline const char* sweep_csv_header() noexcept {
-  return "router,policy,tau,k,tokens,mean_k,flops_fraction,expert_fraction,router_fraction,rel_error,mean_cosine,"
-         "k_histogram";
+  return "router,policy,tau,k,tokens,mean_k,flops_fraction,expert_fraction,router_fraction,rel_error,token_rel_error,"
+         "mean_cosine,k_histogram";
 }
 
 /// Writes the points as CSV: the header row, then one row per point; numbers with 9 significant
@@ -191,9 +228,9 @@ inline void write_sweep_csv(std::ostream& os, const std::vector<sweep_point>& po
       if (s->find_first_of(",\"\n\r") != std::string::npos)
         detail::raisef(errc::invalid_argument, "write_sweep_csv: name '%s' contains a comma, quote or newline",
                        s->c_str());
-    std::snprintf(buf, sizeof(buf), "%s,%s,%.9g,%td,%td,%.9g,%.9g,%.9g,%.9g,%.9g,%.9g,", p.router.c_str(),
+    std::snprintf(buf, sizeof(buf), "%s,%s,%.9g,%td,%td,%.9g,%.9g,%.9g,%.9g,%.9g,%.9g,%.9g,", p.router.c_str(),
                   p.policy.c_str(), p.tau, p.k, p.tokens, p.mean_k, p.flops_fraction, p.expert_fraction,
-                  p.router_fraction, p.rel_error, p.mean_cosine);
+                  p.router_fraction, p.rel_error, p.token_rel_error, p.mean_cosine);
     os << buf;
     for (std::size_t i = 0; i < p.k_histogram.size(); ++i) os << (i ? ";" : "") << p.k_histogram[i];
     os << '\n';

@@ -19,7 +19,7 @@ using namespace convert_fit_test;
 namespace {
 
 struct ref_point {
-  double mean_k = 0, flops_fraction = 0, rel_error = 0, mean_cosine = 0;
+  double mean_k = 0, flops_fraction = 0, rel_error = 0, token_rel_error = 0, mean_cosine = 0;
   std::vector<index_t> hist;
 };
 
@@ -31,7 +31,7 @@ ref_point reference(const dense_ffn<T, Act>& dense, const dynamic_k_router<T>& r
   const index_t d = dense.d_model(), n = dense.hidden() / E, H = router.hidden();
   ref_point p;
   p.hist.assign(std::size_t(E + 1), 0);
-  double diff2 = 0, ref2 = 0, cos_sum = 0, slots = 0;
+  double diff2 = 0, ref2 = 0, cos_sum = 0, tok_sum = 0, slots = 0;
   for (index_t t = 0; t < x.rows(); ++t) {
     const auto r = router_scores(router, x.row(t).data());
     std::vector<char> sel(std::size_t(E), 0);
@@ -58,15 +58,17 @@ ref_point reference(const dense_ffn<T, Act>& dense, const dynamic_k_router<T>& r
     }
     ++p.hist[std::size_t(kt)];
     slots += double(kt);
-    double dot = 0, a2 = 0, b2 = 0;
+    double dot = 0, a2 = 0, b2 = 0, e2 = 0;
     for (index_t i = 0; i < d; ++i) {
       const double a = y[std::size_t(i)], b = yd[std::size_t(i)];
-      diff2 += (a - b) * (a - b);
-      ref2 += b * b;
+      e2 += (a - b) * (a - b);
       dot += a * b;
       a2 += a * a;
       b2 += b * b;
     }
+    diff2 += e2;
+    ref2 += b2;
+    tok_sum += std::sqrt(e2 / b2);
     cos_sum += dot / std::sqrt(a2 * b2);
   }
   const double T_ = double(x.rows());
@@ -76,6 +78,7 @@ ref_point reference(const dense_ffn<T, Act>& dense, const dynamic_k_router<T>& r
   p.flops_fraction = (router_flops + p.mean_k * expert_flops) / (double(E) * expert_flops);
   p.rel_error = std::sqrt(diff2 / ref2);
   p.mean_cosine = cos_sum / T_;
+  p.token_rel_error = tok_sum / T_;
   return p;
 }
 
@@ -84,6 +87,7 @@ void check_point(const sweep_point& got, const ref_point& want, double tol) {
   CHECK(got.k_histogram == want.hist);
   CHECK(got.flops_fraction == doctest::Approx(want.flops_fraction).epsilon(1e-12));
   CHECK(std::abs(got.rel_error - want.rel_error) <= tol * (1 + want.rel_error));
+  CHECK(std::abs(got.token_rel_error - want.token_rel_error) <= tol * (1 + want.token_rel_error));
   CHECK(std::abs(got.mean_cosine - want.mean_cosine) <= tol);
 }
 
@@ -147,6 +151,7 @@ TEST_SUITE("convert") {
     const rows<float> yd = dense_output(ctx, dense, matrix_view<const float>(x));
     const auto p = sweep_dynamic_k(ctx, layer, matrix_view<const float>(x), matrix_view<const float>(yd), {0.0})[0];
     CHECK(p.rel_error < 1e-5);
+    CHECK(p.token_rel_error < 1e-5);
     CHECK(p.mean_cosine == doctest::Approx(1.0).epsilon(1e-6));
     CHECK(p.mean_k == double(E));
     CHECK(p.k_histogram[std::size_t(E)] == T);
@@ -158,6 +163,27 @@ TEST_SUITE("convert") {
     const auto q = sweep_top_k(ctx, layer, matrix_view<const float>(x), matrix_view<const float>(yd), {E})[0];
     CHECK(q.rel_error < 1e-5);
     CHECK(q.flops_fraction == doctest::Approx(p.flops_fraction).epsilon(1e-12));
+  }
+
+  TEST_CASE("interpolate_error: linear in the FLOPs fraction between the bracketing points") {
+    auto pt = [](double f, double e) {
+      sweep_point p;
+      p.flops_fraction = f;
+      p.rel_error = e;
+      return p;
+    };
+    const std::vector<sweep_point> curve{pt(0.6, 0.1), pt(0.2, 0.5), pt(0.4, 0.3), pt(0.4, 0.25)};
+    CHECK(interpolate_error(curve, 0.2) == 0.5);
+    CHECK(interpolate_error(curve, 0.3) == doctest::Approx(0.375));  // between 0.5 and the lower 0.25
+    CHECK(interpolate_error(curve, 0.4) == 0.25);                     // tie: the lower error
+    CHECK(interpolate_error(curve, 0.5) == doctest::Approx(0.175));
+    CHECK(interpolate_error(curve, 0.6) == 0.1);
+    CHECK(std::isnan(interpolate_error(curve, 0.1)));
+    CHECK(std::isnan(interpolate_error(curve, 0.7)));
+    CHECK(std::isnan(interpolate_error({}, 0.5)));
+    std::vector<sweep_point> tok = curve;
+    for (auto& p : tok) p.token_rel_error = 2 * p.rel_error;
+    CHECK(interpolate_error(tok, 0.5, &sweep_point::token_rel_error) == doctest::Approx(0.35));
   }
 
   TEST_CASE("write_sweep_csv: header, one row per point, ';'-joined histogram") {
@@ -172,6 +198,7 @@ TEST_SUITE("convert") {
     a.expert_fraction = 0.75;
     a.router_fraction = 0.05;
     a.rel_error = 0.125;
+    a.token_rel_error = 0.25;
     a.mean_cosine = 0.99;
     sweep_point b = a;
     b.router = "moefication";
@@ -182,15 +209,15 @@ TEST_SUITE("convert") {
     std::ostringstream os;
     write_sweep_csv(os, {a, b});
     const std::string want =
-        "router,policy,tau,k,tokens,mean_k,flops_fraction,expert_fraction,router_fraction,rel_error,mean_cosine,"
-        "k_histogram\n"
-        "d2dmoe,dynamic_k,0.25,0,10,1.5,0.8,0.75,0.05,0.125,0.99,0;5;5\n"
-        "moefication,top_k,0,2,10,1.5,0.8,0.75,0.05,0.125,0.99,0;0;10\n";
+        "router,policy,tau,k,tokens,mean_k,flops_fraction,expert_fraction,router_fraction,rel_error,token_rel_error,"
+        "mean_cosine,k_histogram\n"
+        "d2dmoe,dynamic_k,0.25,0,10,1.5,0.8,0.75,0.05,0.125,0.25,0.99,0;5;5\n"
+        "moefication,top_k,0,2,10,1.5,0.8,0.75,0.05,0.125,0.25,0.99,0;0;10\n";
     CHECK(os.str() == want);
     // Every row has as many fields as the header.
     std::istringstream is(os.str());
     std::string line;
-    while (std::getline(is, line)) CHECK(std::count(line.begin(), line.end(), ',') == 11);
+    while (std::getline(is, line)) CHECK(std::count(line.begin(), line.end(), ',') == 12);
     b.router = "a,b";
     std::ostringstream bad;
     CHECK_THROWS_AS(write_sweep_csv(bad, {b}), dmoe::error);
