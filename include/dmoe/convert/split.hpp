@@ -63,6 +63,7 @@ struct neuron_split {
   int iterations = 0;  ///< k-means rounds of the kept restart (0 for the baselines)
   int restart = 0;     ///< index of the kept restart
   bool converged = false;  ///< the kept restart stopped because the assignment stopped changing
+  int total_iterations = 0;  ///< k-means rounds over all restarts (the cost driver)
   std::vector<double> restart_inertia;  ///< final inertia of every restart, in order
 
   index_t hidden() const noexcept { return num_experts * width; }
@@ -248,13 +249,14 @@ inline neuron_split split_features(const dmat& X, index_t E, const split_options
                    opt.restarts, opt.max_iterations);
   std::vector<double> inertias;
   kmeans_run kept;
-  int kept_index = 0;
+  int kept_index = 0, total_iterations = 0;
   for (int r = 0; r < opt.restarts; ++r) {
     // Each restart has its own generator derived from (seed, r): runs are independent of each other.
     detail::rng seeder(opt.seed * 0x9E3779B97F4A7C15ULL + std::uint64_t(r) + 1);
     detail::rng g(seeder.next());
     kmeans_run run = balanced_kmeans_run(X, E, opt.max_iterations, g);
     inertias.push_back(run.inertia);
+    total_iterations += run.iterations;
     if (r == 0 || run.inertia < kept.inertia) {
       kept = std::move(run);
       kept_index = r;
@@ -265,6 +267,7 @@ inline neuron_split split_features(const dmat& X, index_t E, const split_options
   best.iterations = kept.iterations;
   best.converged = kept.converged;
   best.restart = kept_index;
+  best.total_iterations = total_iterations;
   best.restart_inertia = std::move(inertias);
   return best;
 }
