@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: MIT
 # Default CUDA architectures for dmoe's OWN build (top-level only; never for consumers, who keep
 # CMAKE_CUDA_ARCHITECTURES / CUDAARCHS to themselves). "native" fails on a machine without a GPU,
-# so a build-only host (CI) compiles for one fixed architecture that CUDA 13 still supports.
-set(DMOE_CUDA_FALLBACK_ARCHITECTURES "80" CACHE STRING
+# so a build-only host (CI) compiles for fixed architectures: 80 (A100) and 90 (H100/H200), the
+# GPUs of docs/performance.md. The CUDA backend needs sm_80+ (bf16 and TF32 tensor cores).
+set(DMOE_CUDA_FALLBACK_ARCHITECTURES "80;90" CACHE STRING
   "CUDA architectures for dmoe's own build when no GPU is visible")
 mark_as_advanced(DMOE_CUDA_FALLBACK_ARCHITECTURES)
 

@@ -96,6 +96,29 @@ float storage_to_float(T v) {
   }
 }
 
+/// Seeded uniform(-bound, bound) values, one splitmix64 draw per element (cold path helper).
+template <class T>
+__global__ void fill_uniform_kernel(T* p, std::size_t count, std::uint64_t seed, float bound) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < count;
+       i += std::size_t(gridDim.x) * blockDim.x) {
+    std::uint64_t z = seed + 0x9E3779B97F4A7C15ull * (i + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = float(z >> 40) * (1.0f / 16777216.0f);  // [0, 1), 24 bits
+    p[i] = from_float<T>((2.f * u - 1.f) * bound);
+  }
+}
+
+/// Fills count elements at p on the device and waits for it (cold path).
+template <class T>
+void fill_uniform(T* p, std::size_t count, std::uint64_t seed, float bound) {
+  if (count == 0) return;
+  fill_uniform_kernel<T><<<1024, 256>>>(p, count, seed, bound);
+  throw_on_cuda(cudaGetLastError(), "fill_uniform_kernel launch");
+  throw_on_cuda(cudaDeviceSynchronize(), "fill_uniform_kernel");
+}
+
 }  // namespace cuda_detail
 
 /// Owning device array (cold path: the constructor allocates, the destructor frees). Move-only.

@@ -17,6 +17,7 @@
 /// Every buffer size comes from the token count and the layer shape (layout.hpp), so the sequence
 /// can be captured in a CUDA graph and replayed.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -108,6 +109,41 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
       expert_norm_.upload(norms);
       active_.upload(r.active());
       num_active_ = r.num_active();
+    }
+  }
+
+  /// Seeded random weights generated on the device: uniform(+-1/sqrt(fan_in)) for expert weights
+  /// and biases and for the router (top_any: thresholds 0, all slots active). Not the CPU
+  /// layer's sequence (use copy_from to compare backends); for benchmarks, where uploading a
+  /// large layer from the host would dominate. Cold path: synchronises the device.
+  void randomize(std::uint64_t seed) {
+    const float a1 = 1.f / std::sqrt(float(cfg_.d_model)), a2 = 1.f / std::sqrt(float(cfg_.expert_width));
+    cuda_detail::fill_uniform(w1_.data(), w1_.size(), seed ^ 0x1ull, a1);
+    cuda_detail::fill_uniform(b1_.data(), b1_.size(), seed ^ 0x2ull, a1);
+    cuda_detail::fill_uniform(w2_.data(), w2_.size(), seed ^ 0x3ull, a2);
+    cuda_detail::fill_uniform(b2e_.data(), b2e_.size(), seed ^ 0x4ull, a2);
+    cuda_detail::fill_uniform(b2_.data(), b2_.size(), seed ^ 0x5ull, a2);
+    cuda_detail::fill_uniform(router_w_.data(), router_w_.size(), seed ^ 0x6ull, a1);
+    if constexpr (std::is_same_v<Policy, dynamic_k>)
+      cuda_detail::fill_uniform(router_w2_.data(), router_w2_.size(), seed ^ 0x7ull,
+                                1.f / std::sqrt(float(cfg_.router_hidden)));
+    if constexpr (std::is_same_v<Policy, top_k>)
+      cuda_detail::throw_on_cuda(cudaMemset(router_b_.data(), 0, router_b_.size() * sizeof(float)), "cudaMemset");
+    if constexpr (std::is_same_v<Policy, top_any>) {
+      cuda_detail::throw_on_cuda(cudaMemset(router_b_.data(), 0, router_b_.size() * sizeof(float)), "cudaMemset");
+      const std::vector<float> w = router_w_.download();  // (d, E) column-major: small
+      std::vector<float> norms(static_cast<std::size_t>(num_experts()));
+      for (index_t e = 0; e < num_experts(); ++e) {
+        double sq = 0;
+        for (index_t i = 0; i < cfg_.d_model; ++i) {
+          const double v = w[static_cast<std::size_t>(e * cfg_.d_model + i)];
+          sq += v * v;
+        }
+        norms[static_cast<std::size_t>(e)] = (std::max)(float(std::sqrt(sq)), top_any_router<float>::norm_eps);
+      }
+      expert_norm_.upload(norms);
+      active_.upload(std::vector<std::uint8_t>(norms.size(), std::uint8_t{1}));
+      num_active_ = num_experts();
     }
   }
 
