@@ -212,6 +212,31 @@ inline std::vector<unsigned char> read_whole_file(const std::string& path) {
   return bytes;
 }
 
+/// Valid headers nest three levels deep (header, entry, shape); a hostile one could nest millions
+/// of arrays, each a heap node once parsed. Refuse anything deeper than this before parsing.
+inline constexpr int max_json_depth = 16;
+
+/// Deepest nesting of [ and { outside strings in `h` (a cheap scan; the parser checks the rest).
+inline int json_depth(const char* h, std::size_t n) noexcept {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (std::size_t i = 0; i < n; ++i) {
+    const char c = h[i];
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = (std::max)(deepest, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 /// JSON keys seen so far in every open object, to reject duplicates (nlohmann keeps the last).
 struct duplicate_key_guard {
   std::vector<std::set<std::string>> open;
@@ -339,6 +364,8 @@ class safetensors_file {
     const std::uint64_t buffer = size - 8 - n;
 
     const char* h = reinterpret_cast<const char*>(bytes_.data() + 8);
+    if (io_detail::json_depth(h, static_cast<std::size_t>(n)) > io_detail::max_json_depth)
+      fail("the header nests JSON deeper than %d levels (a valid header has 3)", io_detail::max_json_depth);
     io_detail::duplicate_key_guard guard;
     json header;
     try {

@@ -277,11 +277,17 @@ TEST_CASE("ffn io: MiniLM-L6 fixture (F16, BERT naming): dense forward reproduce
     dmoe::context<dmoe::cpu> ctx{};
     dmoe::workspace_buffer ws(ffn.workspace_size(ctx, x.rows()));
     REQUIRE(ffn.forward(ctx, x, y, ws).ok());
-    // The stored outputs are F16 (relative step 2^-11) of an fp32 computation from F16 weights.
-    const float scale = (std::max)(1.0f, y_ref.cwiseAbs().maxCoeff());
-    const float err = (y - y_ref).cwiseAbs().maxCoeff();
-    INFO("max |y - y_ref| = ", err, ", max |y_ref| = ", scale);
-    CHECK(err <= 4e-3f * scale);
+    // y_ref was computed in fp32 from the fp32 weights; ours come from their F16 rounding. The
+    // fixture's own check (tools/check_ffn_fixture.py) measures 3.4e-4 (layer 1) and 1.3e-4
+    // (layer 4) relative Frobenius error, worst row 5.6e-4, for that difference.
+    const double rel = double((y - y_ref).norm()) / double(y_ref.norm());
+    double worst_row = 0.0;
+    for (index_t r = 0; r < y.rows(); ++r)
+      worst_row = (std::max)(worst_row, double((y.row(r) - y_ref.row(r)).norm()) / double(y_ref.row(r).norm()));
+    INFO("relative Frobenius error ", rel, ", worst row ", worst_row);
+    CHECK(rel < 1e-3);
+    CHECK(worst_row < 2e-3);
+    MESSAGE("MiniLM layer " << layer << ": relative Frobenius error " << rel << ", worst row " << worst_row);
     ++checked;
   }
   CHECK(checked > 0);

@@ -394,6 +394,11 @@ TEST_CASE("safetensors: every corrupt header is a specific error") {
                "without holes");
   expect_error(make_file("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", eight), "without holes");
   expect_error(make_file("{\"a\":" + ok_entry + "}", bytes(9, 0)), "cover 8 bytes of the 9-byte data buffer");
+  expect_error(make_file("{\"a\":" + std::string(100000, '[') + std::string(100000, ']') + "}"),
+               "nests JSON deeper than 16 levels");
+  // Brackets inside strings do not count as nesting.
+  CHECK_NOTHROW((void)dmoe::safetensors_file::from_bytes(
+      make_file("{\"__metadata__\":{\"k\":\"[[[[[[[[[[[[[[[[[[[[\\\"[[[[\"},\"a\":" + ok_entry + "}", eight)));
   expect_error(make_file("{\"__metadata__\":[1]}"), "__metadata__ must be an object of strings");
   expect_error(make_file("{\"__metadata__\":{\"k\":1}}"), "__metadata__ value of 'k' must be a string");
   // Zero-size tensors may share an offset (they occupy no bytes).
