@@ -174,8 +174,9 @@ TEST_CASE("safetensors: F16 and BF16 rounding against known bit patterns and an 
   w.add("b", dmoe::st_dtype::BF16, {std::int64_t(xs.size())}, xs.data());
   const auto file = w.to_bytes();
   const auto f = dmoe::safetensors_file::from_bytes(file);
-  const auto off_b = 8 + (file[0] | (file[1] << 8)) + f.info("b").begin;
-  const auto off_h = 8 + (file[0] | (file[1] << 8)) + f.info("h").begin;
+  const std::uint64_t header_len = std::uint64_t(file[0]) | (std::uint64_t(file[1]) << 8);
+  const std::uint64_t off_b = 8 + header_len + f.info("b").begin;
+  const std::uint64_t off_h = 8 + header_len + f.info("h").begin;
   for (std::size_t i = 0; i < xs.size(); ++i) {
     INFO("x = ", xs[i]);
     CHECK(u16_at(file, std::size_t(off_h) + 2 * i) == cases[i].half);
