@@ -283,6 +283,13 @@ neuron_split split_neurons(const col_matrix<T>& w1, index_t num_experts, const s
   return convert_detail::split_features(convert_detail::unit_columns(w1), num_experts, opt, "split_neurons");
 }
 
+/// The same for any Eigen expression whose columns are the neurons, e.g. the transpose of a
+/// PyTorch (F x d_model) first-layer weight: split_neurons(w_torch.transpose(), E).
+template <class Derived>
+neuron_split split_neurons(const Eigen::MatrixBase<Derived>& w1, index_t num_experts, const split_options& opt = {}) {
+  return convert_detail::split_features(convert_detail::unit_columns(w1), num_experts, opt, "split_neurons");
+}
+
 /// Splits a dense FFN's hidden units. Gated FFNs (SwiGLU, GeGLU) are clustered on their gate
 /// columns by default: the gate decides when a unit is active (act(gate) is near zero for most
 /// tokens), so units with similar gate directions switch on together, which is what an expert

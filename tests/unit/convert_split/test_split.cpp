@@ -231,6 +231,16 @@ TEST_SUITE("convert") {
     CHECK(both.neurons == dmoe::split_neurons(stacked, E, opt).neurons);
   }
 
+  TEST_CASE("split: Eigen expressions (a PyTorch (F x d) weight's transpose) split like the matrix") {
+    rng g(21);
+    const auto w = random_weights<float>(g, 9, 20);
+    const dmoe::col_matrix<float> torch_layout = w.transpose();
+    dmoe::split_options opt;
+    opt.seed = 4;
+    CHECK(dmoe::split_neurons(torch_layout.transpose(), 5, opt).neurons == dmoe::split_neurons(w, 5, opt).neurons);
+    CHECK(dmoe::split_neurons(w.leftCols(10), 2, opt).neurons.size() == 10);
+  }
+
   TEST_CASE("split: degenerate inputs (E = 1, E = F, zero and duplicate columns)") {
     rng g(11);
     auto w = random_weights<float>(g, 5, 12);
