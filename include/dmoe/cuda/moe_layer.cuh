@@ -448,6 +448,12 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
                              "moe_layer<cuda>::forward: %td tokens x %td per token exceed the backend's 32-bit "
                              "indices; split the batch",
                              x.rows, per_token);
+    // Router products put column tiles on grid.y (at most 65535 blocks of router_tile columns).
+    if ((std::max)(num_experts(), cfg_.router_hidden) > index_t{65535} * cuda_detail::router_tile)
+      return status::failure(errc::unsupported,
+                             "moe_layer<cuda>::forward: %td experts / router width %td exceed the router kernel's "
+                             "grid (65535 x %d columns)",
+                             num_experts(), cfg_.router_hidden, cuda_detail::router_tile);
     if constexpr (std::is_same_v<Policy, top_any>)
       if (num_active_ == 0)
         return status::failure(errc::invalid_argument,

@@ -26,7 +26,8 @@ __global__ void __launch_bounds__(router_threads)
   __shared__ float As[router_tile][router_tile + 1];
   __shared__ float Bs[router_tile][router_tile + 1];
   const int tid = static_cast<int>(threadIdx.x), tx = tid % 32, ty = tid / 32;
-  const int row0 = static_cast<int>(blockIdx.y) * router_tile, col0 = static_cast<int>(blockIdx.x) * router_tile;
+  // Row tiles on x (up to 2^31 - 1 blocks), column tiles (E or the router width) on y.
+  const int row0 = static_cast<int>(blockIdx.x) * router_tile, col0 = static_cast<int>(blockIdx.y) * router_tile;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int k0 = 0; k0 < K; k0 += router_tile) {
     for (int idx = tid; idx < router_tile * router_tile; idx += router_threads) {
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(router_threads)
 template <class TA>
 cudaError_t router_product(const TA* A, index_t lda, index_t rows, index_t K, const float* B, index_t M,
                            const float* bias, float* C, router_epilogue epi, cudaStream_t stream) noexcept {
-  const dim3 grid(static_cast<unsigned>(ceil_div(M, router_tile)), static_cast<unsigned>(ceil_div(rows, router_tile)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, router_tile)), static_cast<unsigned>(ceil_div(M, router_tile)));
   router_product_kernel<TA><<<grid, router_threads, 0, stream>>>(A, lda, static_cast<int>(rows), static_cast<int>(K), B,
                                                                  static_cast<int>(M), bias, C, epi);
   return cudaGetLastError();
