@@ -36,7 +36,7 @@ clang++ "${flags[@]}" "$root/tests/fuzz/make_seeds.cpp" -o "$out/make_seeds"
 
 echo "fuzz.sh: fuzzing for ${secs}s with ${jobs} job(s)"
 cd "$out"
-args=(-max_total_time="$secs" -max_len=4096 -timeout=10 -rss_limit_mb=2048 -artifact_prefix="$out/artifacts/"
+args=(-max_total_time="$secs" -max_len=8192 -timeout=10 -rss_limit_mb=2048 -artifact_prefix="$out/artifacts/"
       -print_final_stats=1 -dict="$root/tests/fuzz/safetensors.dict")
 if [ "$jobs" -gt 1 ]; then args+=(-fork="$jobs"); fi
 "$out/fuzz_safetensors" "${args[@]}" "$out/corpus" "$out/seeds"

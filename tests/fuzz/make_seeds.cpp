@@ -5,7 +5,9 @@
 #include <string>
 #include <vector>
 
-#include <dmoe/io/safetensors.hpp>
+#include <dmoe/dmoe.hpp>
+#include <dmoe/io/ffn_io.hpp>
+#include <dmoe/io/moe_io.hpp>
 
 int main(int argc, char** argv) {
   if (argc != 2) {
@@ -32,6 +34,40 @@ int main(int argc, char** argv) {
   w.set_metadata("dmoe.policy", "top_k");
   emit(w);
   emit(dmoe::safetensors_writer{});
+  // Small files of the layer and FFN loaders the fuzz target also runs.
+  const dmoe::moe_config cfg{4, 2, 3};
+  dmoe::moe_layer<float, dmoe::cpu, dmoe::top_k, dmoe::relu> tk(cfg, {1, true});
+  tk.randomize(1);
+  dmoe::moe_config cfg_dk = cfg;
+  cfg_dk.router_hidden = 2;
+  dmoe::moe_layer<float, dmoe::cpu, dmoe::dynamic_k, dmoe::gelu_erf> dk(cfg_dk, {0.5, 0});
+  dk.randomize(2);
+  dmoe::moe_config cfg_ta = cfg;
+  cfg_ta.expert_bias = true;
+  dmoe::moe_layer<double, dmoe::cpu, dmoe::top_any, dmoe::swiglu> ta(cfg_ta, {});
+  ta.randomize(3);
+  {
+    dmoe::safetensors_writer l;
+    dmoe::save_moe_layer(l, tk);
+    emit(l);
+  }
+  {
+    dmoe::safetensors_writer l;
+    dmoe::save_moe_layer(l, dk, dmoe::st_dtype::F16);
+    emit(l);
+  }
+  {
+    dmoe::safetensors_writer l;
+    dmoe::save_moe_layer(l, ta, dmoe::st_dtype::BF16);
+    emit(l);
+  }
+  dmoe::dense_ffn<float, dmoe::gelu_erf> ffn(3, 4);
+  ffn.randomize(4);
+  for (const auto& names : {dmoe::bert_ffn_names(0), dmoe::gpt2_ffn_names(0)}) {
+    dmoe::safetensors_writer l;
+    dmoe::save_dense_ffn(l, ffn, names, dmoe::st_dtype::F16);
+    emit(l);
+  }
   std::printf("make_seeds: wrote %d seed files to %s\n", n, dir.c_str());
   return 0;
 }

@@ -77,6 +77,14 @@ struct meta_reader {
                      f.label().c_str(), key, s.c_str());
     return v;
   }
+  /// A dimension: an integer in [1, 2^40) (so that doubling it cannot overflow).
+  index_t get_extent(const char* key) const {
+    const std::int64_t v = get_int(key);
+    if (v < 1 || v >= (std::int64_t(1) << 40))
+      detail::raisef(errc::invalid_argument, "load_moe_layer '%s': metadata '%s' = %lld, expected a positive size",
+                     f.label().c_str(), key, static_cast<long long>(v));
+    return static_cast<index_t>(v);
+  }
   bool get_bool(const char* key) const {
     const std::string s = get(key);
     if (s != "true" && s != "false")
@@ -219,13 +227,14 @@ Layer load_moe_layer(const safetensors_file& f) {
   m.expect("dmoe.policy", io_detail::policy_name<Policy>());
   m.expect("dmoe.activation", Act::name);
   moe_config c;
-  c.d_model = static_cast<index_t>(m.get_int("dmoe.d_model"));
-  c.num_experts = static_cast<index_t>(m.get_int("dmoe.num_experts"));
-  c.expert_width = static_cast<index_t>(m.get_int("dmoe.expert_width"));
+  c.d_model = m.get_extent("dmoe.d_model");
+  c.num_experts = m.get_extent("dmoe.num_experts");
+  c.expert_width = m.get_extent("dmoe.expert_width");
   c.hidden_bias = m.get_bool("dmoe.hidden_bias");
   c.expert_bias = m.get_bool("dmoe.expert_bias");
   c.output_bias = m.get_bool("dmoe.output_bias");
-  c.router_hidden = static_cast<index_t>(m.get_int("dmoe.router_hidden"));
+  c.router_hidden = std::is_same_v<Policy, dynamic_k> ? m.get_extent("dmoe.router_hidden")
+                                                      : static_cast<index_t>(m.get_int("dmoe.router_hidden"));
   typename Layer::options_type opt{};
   if constexpr (std::is_same_v<Policy, top_k>) {
     opt.k = static_cast<index_t>(m.get_int("dmoe.top_k.k"));
@@ -236,7 +245,43 @@ Layer load_moe_layer(const safetensors_file& f) {
   } else {
     opt.training = m.get_bool("dmoe.top_any.training");
   }
-  // A file shape no layer accepts (or that this layer's static extents reject) is reported by
+  // Every tensor is checked against the recorded sizes before the layer is built, so that the
+  // layer's allocation is bounded by what the file really holds (metadata alone could ask for
+  // any size).
+  {
+    const index_t d = c.d_model, E = c.num_experts, n = c.expert_width, fn = width_factor<Act> * n;
+    const index_t h = c.router_hidden;
+    struct expected {
+      const char* name;
+      bool present;
+      std::vector<std::int64_t> shape;
+    };
+    std::vector<expected> tensors = {{"experts.w1", true, io_detail::shape_of({E, fn, d})},
+                                     {"experts.w2", true, io_detail::shape_of({E, d, n})},
+                                     {"experts.b1", c.hidden_bias, io_detail::shape_of({E, fn})},
+                                     {"experts.expert_bias", c.expert_bias, io_detail::shape_of({E, d})},
+                                     {"experts.output_bias", c.output_bias, io_detail::shape_of({d})}};
+    if constexpr (std::is_same_v<Policy, top_k>) {
+      tensors.push_back({"router.weight", true, io_detail::shape_of({E, d})});
+      tensors.push_back({"router.bias", true, io_detail::shape_of({E})});
+    } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
+      tensors.push_back({"router.w_in", true, io_detail::shape_of({h, d})});
+      tensors.push_back({"router.w_out", true, io_detail::shape_of({E, h})});
+    } else {
+      tensors.push_back({"router.weight", true, io_detail::shape_of({E, d})});
+      tensors.push_back({"router.threshold", true, io_detail::shape_of({E})});
+      tensors.push_back({"router.active", true, io_detail::shape_of({E})});
+    }
+    for (const auto& t : tensors) {
+      if (t.present) f.expect_shape(t.name, t.shape);
+      else if (f.has(t.name))
+        detail::raisef(errc::invalid_argument,
+                       "load_moe_layer '%s': tensor '%s' is present but the recorded configuration has no such bias",
+                       f.label().c_str(), t.name);
+    }
+    (void)h;
+  }
+  // A configuration no layer accepts (or that this layer's static extents reject) is reported by
   // the constructor; say which file it came from.
   auto build = [&]() -> Layer {
 #if DMOE_HAS_EXCEPTIONS
@@ -256,12 +301,7 @@ Layer load_moe_layer(const safetensors_file& f) {
     f.expect_shape(name, io_detail::shape_of(shape));
     return f.read<T>(name);
   };
-  auto absent = [&](const char* name, bool configured) {
-    if (!configured && f.has(name))
-      detail::raisef(errc::invalid_argument, "load_moe_layer '%s': tensor '%s' is present but the recorded configuration has no such bias",
-                     f.label().c_str(), name);
-    return !configured;
-  };
+  auto absent = [](const char*, bool configured) { return !configured; };  // checked above
   {
     const auto v = read("experts.w1", {E, fn, d});
     for (index_t e = 0; e < E; ++e) io_detail::fill_transposed(ex.w1(e), v, static_cast<std::size_t>(e * fn * d));

@@ -232,6 +232,15 @@ TEST_CASE("moe io: loading into another policy, activation or extent, or from an
          "metadata 'dmoe.format_version' is '2' but the layer type has '1'");
   expect([&] { (void)dmoe::load_moe_layer<topk>(variant("", shape_t{}, "dmoe.output_bias", "false")); },
          "tensor 'experts.output_bias' is present but the recorded configuration has no such bias");
+  // Sizes in the metadata are checked against the tensors before anything is allocated.
+  expect([&] { (void)dmoe::load_moe_layer<topk>(variant("", shape_t{}, "dmoe.d_model", "1000000000000")); },
+         "'experts.w1' has shape [4, 3, 6], expected [4, 3, 1000000000000]");
+  expect([&] { (void)dmoe::load_moe_layer<topk>(variant("", shape_t{}, "dmoe.num_experts", "-4")); },
+         "metadata 'dmoe.num_experts' = -4, expected a positive size");
+  expect([&] { (void)dmoe::load_moe_layer<topk>(variant("", shape_t{}, "dmoe.expert_width", "9223372036854775807")); },
+         "metadata 'dmoe.expert_width' = 9223372036854775807, expected a positive size");
+  expect([&] { (void)dmoe::load_moe_layer<topk>(variant("", shape_t{}, "dmoe.d_model", "99999999999999999999")); },
+         "metadata 'dmoe.d_model' = '99999999999999999999', expected an integer");
   const auto plain = dmoe::safetensors_file::from_bytes(dmoe::safetensors_writer{}.to_bytes(), "plain.safetensors");
   expect([&] { (void)dmoe::load_moe_layer<topk>(plain); }, "metadata key 'dmoe.format' is missing");
 
