@@ -226,9 +226,10 @@ void check_comparison(const comparison& c, const std::string& what) {
 
 shape random_shape(splitmix& g, bool big) {
   shape s;
-  s.d = g.integer(1, 3) == 1 ? g.integer(1, 24) : g.integer(24, 160);  // K tails of every size
+  // K and N tails of every size; half the time multiples of 8 (the 16-byte vector-load path)
+  s.d = g.coin() ? 8 * g.integer(1, 20) : (g.integer(1, 3) == 1 ? g.integer(1, 24) : g.integer(24, 160));
   s.E = g.integer(1, 12);
-  s.n = g.integer(1, 3) == 1 ? g.integer(1, 20) : g.integer(20, 150);  // N tails too
+  s.n = g.coin() ? 8 * g.integer(1, 18) : (g.integer(1, 3) == 1 ? g.integer(1, 20) : g.integer(20, 150));
   s.tokens = big ? g.integer(600, 1500) : g.integer(1, 80);           // big: the CUB sort path
   s.h = g.integer(1, 48);
   s.hidden_bias = g.coin();

@@ -24,10 +24,8 @@ namespace dmoe::cuda_detail {
 __global__ void finish_dispatch_kernel(layer_buffers b, int E, int max_k) {
   const index_t r = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r > b.items) return;
-  const int prev = r == 0 ? -1 : b.sort_keys_out[r - 1];
-  const int cur = r == b.items ? E : b.sort_keys_out[r];
-  for (int e = prev + 1; e <= cur; ++e) b.expert_offsets[e] = static_cast<std::int32_t>(r);
-  if (r < b.items && cur < E) {
+  expert_boundaries(b.sort_keys_out, b.items, E, r, b.expert_offsets);
+  if (r < b.items && b.sort_keys_out[r] < E) {
     const std::int32_t v = b.sort_vals_out[r];
     b.sorted_token[r] = v / max_k;
     b.slot_row[v] = static_cast<std::int32_t>(r);
@@ -80,12 +78,7 @@ __global__ void __launch_bounds__(single_block_threads) small_dispatch_kernel(la
 /// number of M-tiles. Serial (E is small); one thread.
 __global__ void tile_offsets_kernel(layer_buffers b, int E) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int run = 0;
-  for (int e = 0; e < E; ++e) {
-    b.tile_offsets[e] = run;
-    run += (b.expert_offsets[e + 1] - b.expert_offsets[e] + gemm_bm - 1) / gemm_bm;
-  }
-  b.tile_offsets[E] = run;
+  scan_tiles(b.expert_offsets, E, b.tile_offsets);
 }
 
 /// k histogram of the statistics (shared-memory counts: integer sums, order-free).

@@ -88,7 +88,18 @@ struct gemm_args {
   int E = 0;
   const std::int32_t* expert_offsets = nullptr;
   const std::int32_t* tile_offsets = nullptr;
+  /// 16-byte loads allowed: K, lda and the expert stride are multiples of 16 / sizeof(T) and a, w
+  /// are 16-byte aligned (vector_loads_ok, decided on the host).
+  bool vec = false;
 };
+
+/// Whether a GEMM's operands allow 16-byte vector loads (host).
+template <class T>
+bool vector_loads_ok(const void* a, index_t lda, const void* w, index_t w_expert_stride, index_t K) noexcept {
+  constexpr index_t v = 16 / static_cast<index_t>(sizeof(T));
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  return K % v == 0 && lda % v == 0 && w_expert_stride % v == 0 && aligned(a) && aligned(w);
+}
 
 template <class T, class Act, gemm_stage Stage>
 __global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T> g) {
@@ -116,16 +127,7 @@ __global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T>
 
   for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
     const int mt = tile / ntn, nt = tile % ntn;
-    // Expert of M-tile mt: the largest e with tile_offsets[e] <= mt (empty experts share offsets).
-    int lo = 0, hi = g.E;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (g.tile_offsets[mid] <= mt)
-        lo = mid;
-      else
-        hi = mid;
-    }
-    const int e = lo;
+    const int e = expert_of_tile(g.tile_offsets, g.E, mt);
     const int row0 = g.expert_offsets[e] + (mt - g.tile_offsets[e]) * gemm_bm;
     const int row_end = g.expert_offsets[e + 1];
     const int col0 = nt * gemm_bn;
@@ -146,19 +148,42 @@ __global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T>
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[b][i][j], 0.f);
 
     for (int k0 = 0; k0 < g.K; k0 += gemm_bk) {
-      // Load: consecutive threads read consecutive k of one row (gathered) / one weight column.
-      for (int idx = tid; idx < gemm_bm * gemm_bk; idx += gemm_threads) {
-        const int r = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk;
-        const int src = row_src[r];
-        As[r * sm::lds + kk] = (src >= 0 && k < g.K) ? g.a[static_cast<index_t>(src) * g.lda + k] : zero;
-      }
-#pragma unroll
-      for (int b = 0; b < NB; ++b)
-        for (int idx = tid; idx < gemm_bn * gemm_bk; idx += gemm_threads) {
-          const int c = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk, col = col0 + c;
-          Bs[(b * gemm_bn + c) * sm::lds + kk] =
-              (col < g.N && k < g.K) ? w[static_cast<index_t>(col + b * g.N) * g.K + k] : zero;
+      // Load: consecutive threads read consecutive k of one row (gathered) / one weight column;
+      // 16 bytes at a time when the host allowed it (K a multiple of the vector, so a vector is
+      // either wholly inside K or wholly past it), element by element otherwise.
+      if (g.vec) {
+        constexpr int v = 16 / static_cast<int>(sizeof(T)), per_row = gemm_bk / v;
+        static_assert((sm::lds * sizeof(T)) % 16 == 0, "shared rows must keep 16-byte alignment");
+        for (int idx = tid; idx < gemm_bm * per_row; idx += gemm_threads) {
+          const int r = idx / per_row, kk = (idx % per_row) * v, k = k0 + kk;
+          const int src = row_src[r];
+          uint4 val = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are 0 in every storage type
+          if (src >= 0 && k < g.K) val = *reinterpret_cast<const uint4*>(g.a + static_cast<index_t>(src) * g.lda + k);
+          *reinterpret_cast<uint4*>(As + r * sm::lds + kk) = val;
         }
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+          for (int idx = tid; idx < gemm_bn * per_row; idx += gemm_threads) {
+            const int c = idx / per_row, kk = (idx % per_row) * v, k = k0 + kk, col = col0 + c;
+            uint4 val = make_uint4(0u, 0u, 0u, 0u);
+            if (col < g.N && k < g.K)
+              val = *reinterpret_cast<const uint4*>(w + static_cast<index_t>(col + b * g.N) * g.K + k);
+            *reinterpret_cast<uint4*>(Bs + (b * gemm_bn + c) * sm::lds + kk) = val;
+          }
+      } else {
+        for (int idx = tid; idx < gemm_bm * gemm_bk; idx += gemm_threads) {
+          const int r = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk;
+          const int src = row_src[r];
+          As[r * sm::lds + kk] = (src >= 0 && k < g.K) ? g.a[static_cast<index_t>(src) * g.lda + k] : zero;
+        }
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+          for (int idx = tid; idx < gemm_bn * gemm_bk; idx += gemm_threads) {
+            const int c = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk, col = col0 + c;
+            Bs[(b * gemm_bn + c) * sm::lds + kk] =
+                (col < g.N && k < g.K) ? w[static_cast<index_t>(col + b * g.N) * g.K + k] : zero;
+          }
+      }
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < gemm_bk; kk += tr::wk) {

@@ -84,6 +84,44 @@ inline constexpr bool fits_int32(index_t tokens, index_t per_token) noexcept {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Index logic shared by the kernels and the host tests (DMOE_HOST_DEVICE: plain inline in g++).
+
+/// After a stable sort of the strided slots by key (expert id, sentinel E for unused slots), the
+/// work of position r in [0, items]: expert_offsets[e] = r for every e in (key[r - 1], key[r]]
+/// (key[-1] = -1, key[items] = E). Over all r this writes each of the E + 1 offsets exactly once.
+DMOE_HOST_DEVICE inline void expert_boundaries(const std::int32_t* sorted_keys, index_t items, int E, index_t r,
+                                               std::int32_t* expert_offsets) noexcept {
+  const int prev = r == 0 ? -1 : sorted_keys[r - 1];
+  const int cur = r == items ? E : sorted_keys[r];
+  for (int e = prev + 1; e <= cur; ++e) expert_offsets[e] = static_cast<std::int32_t>(r);
+}
+
+/// tile_offsets[e] = sum over experts before e of ceil(rows_e / bm); tile_offsets[E] = M-tiles.
+DMOE_HOST_DEVICE inline void scan_tiles(const std::int32_t* expert_offsets, int E, std::int32_t* tile_offsets,
+                                        int bm = gemm_bm) noexcept {
+  std::int32_t run = 0;
+  for (int e = 0; e < E; ++e) {
+    tile_offsets[e] = run;
+    run += (expert_offsets[e + 1] - expert_offsets[e] + bm - 1) / bm;
+  }
+  tile_offsets[E] = run;
+}
+
+/// Expert of M-tile mt < tile_offsets[E]: the largest e < E with tile_offsets[e] <= mt (empty
+/// experts share their successor's offset and are skipped this way).
+DMOE_HOST_DEVICE inline int expert_of_tile(const std::int32_t* tile_offsets, int E, int mt) noexcept {
+  int lo = 0, hi = E;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (tile_offsets[mid] <= mt)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Workspace layout
 
 /// The layer's shape as far as buffer sizes are concerned.

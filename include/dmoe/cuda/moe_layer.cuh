@@ -250,6 +250,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     g1.E = E;
     g1.expert_offsets = b.expert_offsets;
     g1.tile_offsets = b.tile_offsets;
+    g1.vec = cuda_detail::vector_loads_ok<T>(g1.a, g1.lda, g1.w, g1.w_expert_stride, g1.K);
     err = cuda_detail::grouped_gemm<T, Activation, cuda_detail::gemm_stage::first>(
         g1, cuda_detail::persistent_grid(m_tiles * cuda_detail::n_tiles(n), sm_count_), stream);
     if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "grouped GEMM 1 launch");
@@ -264,6 +265,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     g2.out = out;
     g2.K = static_cast<int>(n);
     g2.N = static_cast<int>(d);
+    g2.vec = cuda_detail::vector_loads_ok<T>(g2.a, g2.lda, g2.w, g2.w_expert_stride, g2.K);
     err = cuda_detail::grouped_gemm<T, Activation, cuda_detail::gemm_stage::second>(
         g2, cuda_detail::persistent_grid(m_tiles * cuda_detail::n_tiles(d), sm_count_), stream);
     if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "grouped GEMM 2 launch");

@@ -213,3 +213,47 @@ TEST_SUITE("cuda_host") {
     }
   }
 }
+
+TEST_SUITE("cuda_host") {
+  TEST_CASE("dispatch index logic: expert boundaries, tile scan, tile -> expert") {
+    dmoe_testing::splitmix g(21, 5, 9);
+    for (int trial = 0; trial < 500; ++trial) {
+      const int E = g.integer(1, 30), max_k = g.integer(1, E), tokens = g.integer(1, 200);
+      const index_t items = index_t(tokens) * max_k;
+      // strided keys as select_kernel writes them: a token's used slots, then sentinels
+      std::vector<std::int32_t> keys(static_cast<std::size_t>(items));
+      const int hot = g.integer(1, E);  // sometimes most experts stay idle
+      for (int t = 0; t < tokens; ++t) {
+        const int c = g.integer(0, max_k);
+        for (int i = 0; i < max_k; ++i)
+          keys[std::size_t(t * max_k + i)] = i < c ? g.integer(0, hot - 1) : E;
+      }
+      std::vector<std::int32_t> sorted = keys;
+      std::stable_sort(sorted.begin(), sorted.end());
+      std::vector<std::int32_t> off(std::size_t(E + 1), -7);
+      for (index_t r = 0; r <= items; ++r) cd::expert_boundaries(sorted.data(), items, E, r, off.data());
+      // reference: a histogram
+      std::vector<std::int32_t> ref(std::size_t(E + 1), 0);
+      for (auto k : keys)
+        if (k < E) ++ref[std::size_t(k + 1)];
+      for (int e = 0; e < E; ++e) ref[std::size_t(e + 1)] += ref[std::size_t(e)];
+      REQUIRE(off == ref);
+      std::vector<std::int32_t> tiles(std::size_t(E + 1));
+      cd::scan_tiles(off.data(), E, tiles.data());
+      CHECK(tiles[std::size_t(E)] <= cd::max_m_tiles(items, E));
+      // every M-tile maps to the expert whose rows it covers, and tiles cover each expert exactly
+      std::vector<index_t> covered(std::size_t(E), 0);
+      for (int mt = 0; mt < tiles[std::size_t(E)]; ++mt) {
+        const int e = cd::expert_of_tile(tiles.data(), E, mt);
+        REQUIRE(e >= 0);
+        REQUIRE(e < E);
+        CHECK(tiles[std::size_t(e)] <= mt);
+        CHECK(mt < tiles[std::size_t(e + 1)]);
+        const index_t row0 = off[std::size_t(e)] + index_t(mt - tiles[std::size_t(e)]) * cd::gemm_bm;
+        CHECK(row0 < off[std::size_t(e + 1)]);
+        covered[std::size_t(e)] += (std::min)(index_t(cd::gemm_bm), index_t(off[std::size_t(e + 1)]) - row0);
+      }
+      for (int e = 0; e < E; ++e) CHECK(covered[std::size_t(e)] == off[std::size_t(e + 1)] - off[std::size_t(e)]);
+    }
+  }
+}
