@@ -459,7 +459,7 @@ TEST_SUITE("cuda") {
                 .ok());
     REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
     cudaGraph_t graph;
-    REQUIRE(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess);
+    REQUIRE(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess);
     const dmoe::status cs = gpu.forward(ctx, dmoe::matrix_view<const T>(dx.data(), s.tokens, s.d),
                                         dmoe::matrix_view<T>(dy.data(), s.tokens, s.d), {ws.data(), ws.size()});
     REQUIRE(cudaStreamEndCapture(stream, &graph) == cudaSuccess);
