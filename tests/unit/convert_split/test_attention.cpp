@@ -169,7 +169,7 @@ TEST_SUITE("convert") {
     CHECK(rep.initial_relative_error > 0.5);
     const double train = relative_error(res.mlp, p, p.x), held = relative_error(res.mlp, p, p.heldout);
     INFO("train ", train, " held-out ", held);
-    CHECK(held < 0.03);
+    CHECK(held < 0.05);  // 0.020 here; 0.006-0.014 over other seeds of this setting
     CHECK(rep.relative_error == doctest::Approx(train).epsilon(1e-3));
     CHECK(rep.heldout_relative_error == doctest::Approx(held).epsilon(1e-3));
     CHECK(rep.active_fraction > 0.0);
