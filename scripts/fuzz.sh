@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
-# Fuzzes the safetensors reader (tests/fuzz/fuzz_safetensors.cpp) with libFuzzer, ASan and UBSan
-# for a bounded time.
+# Fuzzes the safetensors reader and the MoE layer / dense FFN loaders on top of it
+# (tests/fuzz/fuzz_safetensors.cpp) with libFuzzer, ASan and UBSan for a bounded time.
 #   bash scripts/fuzz.sh [seconds=60] [jobs=1]
 # Builds into build/fuzz/, writes a seed corpus of valid files (every dtype dmoe writes, empty
-# tensors, metadata) into build/fuzz/seeds/, keeps the growing corpus in build/fuzz/corpus/ and
-# any crashing input in build/fuzz/artifacts/. Exit status 0 = no finding.
+# tensors, metadata, small layer and FFN files) into build/fuzz/seeds/, keeps the growing corpus in build/fuzz/corpus/ and
+# any crashing input in build/fuzz/artifacts/ (DMOE_FUZZ_DIR overrides build/fuzz). Exit status 0 =
+# no finding. Missing tools are installed through apt-get, unless DMOE_FUZZ_NO_INSTALL=1: then the
+# script prints DMOE_SKIP and exits 77 (for a CTest smoke test).
 set -euo pipefail
 secs="${1:-60}"
 jobs="${2:-1}"
@@ -20,6 +22,10 @@ command -v clang++ >/dev/null 2>&1 || need+=(clang)
 if ! ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 &&
    ! ls /usr/lib/llvm-*/lib/clang/*/lib/x86_64-pc-linux-gnu/libclang_rt.fuzzer.a >/dev/null 2>&1; then
   need+=(libclang-rt-dev)
+fi
+if [ "${#need[@]}" -gt 0 ] && [ "${DMOE_FUZZ_NO_INSTALL:-0}" = 1 ]; then
+  echo "fuzz.sh: DMOE_SKIP: missing ${need[*]} and DMOE_FUZZ_NO_INSTALL=1"
+  exit 77
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "fuzz.sh: installing ${need[*]}"
