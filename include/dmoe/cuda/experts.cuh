@@ -53,21 +53,37 @@ struct mma_traits<__nv_bfloat16> {
 };
 
 /// Shared-memory plan of one GEMM block (host-visible so the size is checked at compile time).
+/// 16-bit storage gets two stages (cp.async double buffering); fp32 tiles are twice as large and
+/// two stages would not fit the static 48 KiB, so fp32 keeps one.
 template <class T, int NB>
 struct gemm_smem {
+  static constexpr int stages = sizeof(T) == 2 ? 2 : 1;
   static constexpr int lds = gemm_bk + mma_traits<T>::pad;  // row length of the A and B tiles
   static constexpr int ldc = gemm_bn + 4;                   // row length of the fp32 epilogue tile
   static constexpr std::size_t a_bytes = sizeof(T) * gemm_bm * lds;
   static constexpr std::size_t b_bytes = sizeof(T) * NB * gemm_bn * lds;
+  static constexpr std::size_t stage_bytes = a_bytes + b_bytes;
   static constexpr std::size_t c_bytes = sizeof(float) * NB * gemm_bm * ldc;
-  static constexpr std::size_t main_bytes = a_bytes + b_bytes;
+  static constexpr std::size_t main_bytes = stages * stage_bytes;
   static constexpr std::size_t bytes = main_bytes > c_bytes ? main_bytes : c_bytes;
   static_assert(bytes + gemm_bm * sizeof(int) <= 48 * 1024, "GEMM tile exceeds static shared memory");
   // WMMA loads and stores need 256-bit aligned pointers: every fragment offset below is a multiple
   // of 16 rows or of wk columns, which these keep 32-byte aligned.
   static_assert((16 * lds * sizeof(T)) % 32 == 0 && (mma_traits<T>::wk * sizeof(T)) % 32 == 0, "WMMA alignment");
-  static_assert((16 * ldc * sizeof(float)) % 32 == 0 && a_bytes % 32 == 0, "WMMA alignment");
+  static_assert((16 * ldc * sizeof(float)) % 32 == 0 && a_bytes % 32 == 0 && stage_bytes % 32 == 0,
+                "WMMA alignment");
 };
+
+// cp.async (sm_80+): 16 bytes global -> shared, bypassing registers; src_bytes = 0 zero-fills.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
+  const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+}
 
 enum class gemm_stage : int { first = 1, second = 2 };
 
@@ -147,50 +163,14 @@ __global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T>
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[b][i][j], 0.f);
 
-    for (int k0 = 0; k0 < g.K; k0 += gemm_bk) {
-      // Load: consecutive threads read consecutive k of one row (gathered) / one weight column;
-      // 16 bytes at a time when the host allowed it (K a multiple of the vector, so a vector is
-      // either wholly inside K or wholly past it), element by element otherwise.
-      if (g.vec) {
-        constexpr int v = 16 / static_cast<int>(sizeof(T)), per_row = gemm_bk / v;
-        static_assert((sm::lds * sizeof(T)) % 16 == 0, "shared rows must keep 16-byte alignment");
-        for (int idx = tid; idx < gemm_bm * per_row; idx += gemm_threads) {
-          const int r = idx / per_row, kk = (idx % per_row) * v, k = k0 + kk;
-          const int src = row_src[r];
-          uint4 val = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are 0 in every storage type
-          if (src >= 0 && k < g.K) val = *reinterpret_cast<const uint4*>(g.a + static_cast<index_t>(src) * g.lda + k);
-          *reinterpret_cast<uint4*>(As + r * sm::lds + kk) = val;
-        }
-#pragma unroll
-        for (int b = 0; b < NB; ++b)
-          for (int idx = tid; idx < gemm_bn * per_row; idx += gemm_threads) {
-            const int c = idx / per_row, kk = (idx % per_row) * v, k = k0 + kk, col = col0 + c;
-            uint4 val = make_uint4(0u, 0u, 0u, 0u);
-            if (col < g.N && k < g.K)
-              val = *reinterpret_cast<const uint4*>(w + static_cast<index_t>(col + b * g.N) * g.K + k);
-            *reinterpret_cast<uint4*>(Bs + (b * gemm_bn + c) * sm::lds + kk) = val;
-          }
-      } else {
-        for (int idx = tid; idx < gemm_bm * gemm_bk; idx += gemm_threads) {
-          const int r = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk;
-          const int src = row_src[r];
-          As[r * sm::lds + kk] = (src >= 0 && k < g.K) ? g.a[static_cast<index_t>(src) * g.lda + k] : zero;
-        }
-#pragma unroll
-        for (int b = 0; b < NB; ++b)
-          for (int idx = tid; idx < gemm_bn * gemm_bk; idx += gemm_threads) {
-            const int c = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk, col = col0 + c;
-            Bs[(b * gemm_bn + c) * sm::lds + kk] =
-                (col < g.N && k < g.K) ? w[static_cast<index_t>(col + b * g.N) * g.K + k] : zero;
-          }
-      }
-      __syncthreads();
+    // The MMAs of one BK slice held in shared memory at (A, B).
+    const auto mma_slice = [&](const T* A, const T* B) {
 #pragma unroll
       for (int kk = 0; kk < gemm_bk; kk += tr::wk) {
         typename tr::a_frag af[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          wmma::load_matrix_sync(af[i], As + (wm * 32 + i * 16) * sm::lds + kk, sm::lds);
+          wmma::load_matrix_sync(af[i], A + (wm * 32 + i * 16) * sm::lds + kk, sm::lds);
           if constexpr (std::is_same_v<T, float>)
             for (int q = 0; q < af[i].num_elements; ++q) af[i].x[q] = wmma::__float_to_tf32(af[i].x[q]);
         }
@@ -199,14 +179,102 @@ __global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T>
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             typename tr::b_frag bf;
-            wmma::load_matrix_sync(bf, Bs + (b * gemm_bn + wn * 32 + j * 16) * sm::lds + kk, sm::lds);
+            wmma::load_matrix_sync(bf, B + (b * gemm_bn + wn * 32 + j * 16) * sm::lds + kk, sm::lds);
             if constexpr (std::is_same_v<T, float>)
               for (int q = 0; q < bf.num_elements; ++q) bf.x[q] = wmma::__float_to_tf32(bf.x[q]);
 #pragma unroll
             for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[b][i][j], af[i], bf, acc[b][i][j]);
           }
       }
-      __syncthreads();
+    };
+
+    bool done = false;
+    if constexpr (sm::stages == 2) {
+      if (g.vec) {
+        // Two-stage cp.async pipeline (16-bit storage, 16-byte aligned operands): the copies of
+        // slice kt + 1 are in flight while the MMAs of slice kt run. Stage s is rewritten only
+        // after the __syncthreads that ends the MMAs which read it.
+        constexpr int v = 8, per_row = gemm_bk / v;
+        const auto stage_a = [&](int st) { return reinterpret_cast<T*>(smem + st * sm::stage_bytes); };
+        const auto stage_b = [&](int st) { return reinterpret_cast<T*>(smem + st * sm::stage_bytes + sm::a_bytes); };
+        const auto issue = [&](int st, int k0) {
+          T* A = stage_a(st);
+          T* B = stage_b(st);
+          for (int idx = tid; idx < gemm_bm * per_row; idx += gemm_threads) {
+            const int r = idx / per_row, kk = (idx % per_row) * v, k = k0 + kk;
+            const int src = row_src[r];
+            const bool ok = src >= 0 && k < g.K;
+            cp_async16(A + r * sm::lds + kk, ok ? g.a + static_cast<index_t>(src) * g.lda + k : g.a, ok);
+          }
+#pragma unroll
+          for (int b = 0; b < NB; ++b)
+            for (int idx = tid; idx < gemm_bn * per_row; idx += gemm_threads) {
+              const int c = idx / per_row, kk = (idx % per_row) * v, k = k0 + kk, col = col0 + c;
+              const bool ok = col < g.N && k < g.K;
+              cp_async16(B + (b * gemm_bn + c) * sm::lds + kk, ok ? w + static_cast<index_t>(col + b * g.N) * g.K + k : w,
+                         ok);
+            }
+        };
+        const int nk = (g.K + gemm_bk - 1) / gemm_bk;
+        issue(0, 0);
+        cp_async_commit();
+        for (int kt = 0; kt < nk; ++kt) {
+          if (kt + 1 < nk) {
+            issue((kt + 1) & 1, (kt + 1) * gemm_bk);
+            cp_async_commit();
+            cp_async_wait<1>();  // slice kt has landed; kt + 1 may still be in flight
+          } else {
+            cp_async_wait<0>();
+          }
+          __syncthreads();
+          mma_slice(stage_a(kt & 1), stage_b(kt & 1));
+          __syncthreads();
+        }
+        done = true;
+      }
+    }
+    if (!done) {
+      for (int k0 = 0; k0 < g.K; k0 += gemm_bk) {
+        // Load: consecutive threads read consecutive k of one row (gathered) / one weight column;
+        // 16 bytes at a time when the host allowed it (K a multiple of the vector, so a vector is
+        // either wholly inside K or wholly past it), element by element otherwise.
+        if (g.vec) {
+          constexpr int v = 16 / static_cast<int>(sizeof(T)), per_row = gemm_bk / v;
+          static_assert((sm::lds * sizeof(T)) % 16 == 0, "shared rows must keep 16-byte alignment");
+          for (int idx = tid; idx < gemm_bm * per_row; idx += gemm_threads) {
+            const int r = idx / per_row, kk = (idx % per_row) * v, k = k0 + kk;
+            const int src = row_src[r];
+            uint4 val = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are 0 in every storage type
+            if (src >= 0 && k < g.K) val = *reinterpret_cast<const uint4*>(g.a + static_cast<index_t>(src) * g.lda + k);
+            *reinterpret_cast<uint4*>(As + r * sm::lds + kk) = val;
+          }
+#pragma unroll
+          for (int b = 0; b < NB; ++b)
+            for (int idx = tid; idx < gemm_bn * per_row; idx += gemm_threads) {
+              const int c = idx / per_row, kk = (idx % per_row) * v, k = k0 + kk, col = col0 + c;
+              uint4 val = make_uint4(0u, 0u, 0u, 0u);
+              if (col < g.N && k < g.K)
+                val = *reinterpret_cast<const uint4*>(w + static_cast<index_t>(col + b * g.N) * g.K + k);
+              *reinterpret_cast<uint4*>(Bs + (b * gemm_bn + c) * sm::lds + kk) = val;
+            }
+        } else {
+          for (int idx = tid; idx < gemm_bm * gemm_bk; idx += gemm_threads) {
+            const int r = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk;
+            const int src = row_src[r];
+            As[r * sm::lds + kk] = (src >= 0 && k < g.K) ? g.a[static_cast<index_t>(src) * g.lda + k] : zero;
+          }
+#pragma unroll
+          for (int b = 0; b < NB; ++b)
+            for (int idx = tid; idx < gemm_bn * gemm_bk; idx += gemm_threads) {
+              const int c = idx / gemm_bk, kk = idx % gemm_bk, k = k0 + kk, col = col0 + c;
+              Bs[(b * gemm_bn + c) * sm::lds + kk] =
+                  (col < g.N && k < g.K) ? w[static_cast<index_t>(col + b * g.N) * g.K + k] : zero;
+            }
+        }
+        __syncthreads();
+        mma_slice(As, Bs);
+        __syncthreads();
+      }
     }
 
     // Epilogue through shared memory: bias, activation, conversion to T, masked store.
