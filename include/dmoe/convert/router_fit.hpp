@@ -81,10 +81,21 @@ struct router_fit_report {
   double seconds = 0;
 };
 
+namespace convert_detail {
+/// matrix_view<const T> in a non-deduced context, so that callers can pass Eigen row-major
+/// matrices (T comes from the layer or the weights).
+template <class T>
+struct fit_view_identity {
+  using type = matrix_view<const T>;
+};
+template <class T>
+using fit_view = typename fit_view_identity<T>::type;
+}  // namespace convert_detail
+
 /// MoEfication's per-expert score: targets(t, e) = sum_j max(h_te[j], 0), h_te the activations
 /// of expert e's neurons for token t (gated: act(gate) * up); (tokens, num_experts).
 template <class Activation, class T>
-row_matrix<T> expert_summed_activations(const expert_weights<T>& experts, matrix_view<const T> x) {
+row_matrix<T> expert_summed_activations(const expert_weights<T>& experts, convert_detail::fit_view<T> x) {
   const index_t d = experts.d_model(), E = experts.num_experts(), n = experts.width();
   if (x.cols != d)
     detail::raisef(errc::invalid_argument,
@@ -110,7 +121,7 @@ row_matrix<T> expert_summed_activations(const expert_weights<T>& experts, matrix
 
 /// The regression targets of `target` for inputs x, (tokens, num_experts).
 template <class Activation, class T>
-row_matrix<T> router_targets(const expert_weights<T>& experts, matrix_view<const T> x, router_target target) {
+row_matrix<T> router_targets(const expert_weights<T>& experts, convert_detail::fit_view<T> x, router_target target) {
   return target == router_target::output_norm ? expert_output_norms<Activation>(experts, x)
                                               : expert_summed_activations<Activation>(experts, x);
 }
@@ -145,9 +156,10 @@ param_list<T> router_params(dynamic_k_router<T>& r) {
 /// Optional held-out inputs and targets (same columns) are evaluated before and after.
 /// `progress` is called after every epoch.
 template <class T>
-router_fit_report fit_router(dynamic_k_router<T>& router, matrix_view<const T> x, matrix_view<const T> targets,
-                             const router_fit_options& opt = {}, matrix_view<const T> heldout_x = {},
-                             matrix_view<const T> heldout_targets = {}, const router_fit_callback& progress = {}) {
+router_fit_report fit_router(dynamic_k_router<T>& router, convert_detail::fit_view<T> x,
+                             convert_detail::fit_view<T> targets, const router_fit_options& opt = {},
+                             convert_detail::fit_view<T> heldout_x = {}, convert_detail::fit_view<T> heldout_targets = {},
+                             const router_fit_callback& progress = {}) {
   const index_t d = router.d_model(), E = router.num_experts(), N = x.rows;
   if (x.cols != d || targets.rows != N || targets.cols != E)
     detail::raisef(errc::invalid_argument,
@@ -228,13 +240,14 @@ router_fit_report fit_router(dynamic_k_router<T>& router, matrix_view<const T> x
 /// Fits the router of a dynamic-k layer on calibration inputs x, the experts frozen: targets
 /// from the layer's own experts (`target`), then fit_router. Held-out inputs are optional.
 template <class T, class Activation, std::size_t Experts, std::size_t Width>
-router_fit_report fit_router(moe_layer<T, cpu, dynamic_k, Activation, Experts, Width>& layer, matrix_view<const T> x,
-                             router_target target = router_target::output_norm, const router_fit_options& opt = {},
-                             matrix_view<const T> heldout_x = {}, const router_fit_callback& progress = {}) {
+router_fit_report fit_router(moe_layer<T, cpu, dynamic_k, Activation, Experts, Width>& layer,
+                             convert_detail::fit_view<T> x, router_target target = router_target::output_norm,
+                             const router_fit_options& opt = {}, convert_detail::fit_view<T> heldout_x = {},
+                             const router_fit_callback& progress = {}) {
   const row_matrix<T> y = router_targets<Activation>(layer.experts(), x, target);
   row_matrix<T> yh;
   if (heldout_x.rows > 0) yh = router_targets<Activation>(layer.experts(), heldout_x, target);
-  return fit_router(layer.router(), x, matrix_view<const T>(y), opt, heldout_x, matrix_view<const T>(yh), progress);
+  return fit_router<T>(layer.router(), x, matrix_view<const T>(y), opt, heldout_x, matrix_view<const T>(yh), progress);
 }
 
 }  // namespace dmoe

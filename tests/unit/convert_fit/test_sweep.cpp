@@ -9,6 +9,7 @@
 #include <cmath>
 #include <numeric>
 #include <sstream>
+#include <dmoe/convert/router_fit.hpp>
 #include <dmoe/convert/sweep.hpp>
 
 #include "convert_fit_common.hpp"
@@ -163,6 +164,26 @@ TEST_SUITE("convert") {
     const auto q = sweep_top_k(ctx, layer, matrix_view<const float>(x), matrix_view<const float>(yd), {E})[0];
     CHECK(q.rel_error < 1e-5);
     CHECK(q.flops_fraction == doctest::Approx(p.flops_fraction).epsilon(1e-12));
+  }
+
+  TEST_CASE("the documented workflow takes Eigen matrices directly (docs/conversion.md)") {
+    const auto dense = random_dense<float, gelu_erf>(12, 24, 31);
+    auto moe = contiguous_moe(dense, 6, 16, 0.5);
+    const rows<float> calib = random_rows<float>(200, 12, 32), held = random_rows<float>(60, 12, 33);
+    router_fit_options opt;
+    opt.epochs = 10;
+    const auto report = fit_router(moe, calib, router_target::output_norm, opt, held);
+    CHECK(report.heldout_loss < report.heldout_initial_loss);
+    context<cpu> ctx;
+    const auto y_dense = dense_output(ctx, dense, held);
+    const auto points = sweep_dynamic_k(ctx, moe, held, y_dense, {0.0, 0.5, 1.0});
+    const auto base = sweep_top_k(ctx, moe, held, y_dense, {1, 6});
+    REQUIRE(points.size() == 3);
+    CHECK(points[0].rel_error < 1e-5);
+    CHECK(points[2].mean_k < points[0].mean_k);
+    CHECK(base[1].rel_error < 1e-5);
+    const rows<float> targets = router_targets<gelu_erf>(moe.experts(), held, router_target::summed_activation);
+    CHECK(targets.rows() == 60);
   }
 
   TEST_CASE("interpolate_error: linear in the FLOPs fraction between the bracketing points") {
