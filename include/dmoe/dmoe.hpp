@@ -2,13 +2,15 @@
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
 /// \file
-/// Umbrella header of the CPU build (plain C++17, no CUDA).
+/// Umbrella header of the CPU build (plain C++17, no CUDA). The safetensors IO headers
+/// (<dmoe/io/...>) are not included: they need nlohmann/json (CMake target dmoe::io).
 
 #include "version.hpp"
 #include "core/backend.hpp"
 #include "core/config.hpp"
 #include "core/executor.hpp"
 #include "core/extents.hpp"
+#include "core/layout.hpp"
 #include "core/status.hpp"
 #include "core/views.hpp"
 #include "core/workspace.hpp"
@@ -26,3 +28,8 @@
 #include "train/parameters.hpp"
 #include "train/optimizers.hpp"
 #include "adapt/expert_count.hpp"
+#include "convert/split.hpp"
+#include "convert/convert_ffn.hpp"
+#include "convert/attention.hpp"
+#include "convert/router_fit.hpp"
+#include "convert/sweep.hpp"

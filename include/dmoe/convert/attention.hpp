@@ -8,8 +8,8 @@
 /// sparsity term so that the hidden units, once split into experts, switch off per token. The
 /// result is a dense_ffn, then split and routed like an FFN (split_neurons, to_moe, fit_router).
 ///
-/// Layout: `weight` is (in x out) with y = x W + b (projection_layout::in_out, dmoe's row-vector
-/// convention), or PyTorch's nn.Linear weight (out x in) with y = x W^T + b (projection_layout::out_in).
+/// Layout: `weight` is (in x out) with y = x W + b (weight_layout::in_out, dmoe's row-vector
+/// convention), or PyTorch's nn.Linear weight (out x in) with y = x W^T + b (weight_layout::out_in).
 ///
 /// Loss per minibatch: ||MLP(x) - y||^2 / (B d ms) + lambda_t * hoyer(a) / h, where ms is the
 /// mean square of the map's outputs on the training inputs (so the first term is the relative
@@ -34,6 +34,7 @@
 
 #include <Eigen/Core>
 
+#include "../core/layout.hpp"
 #include "../core/status.hpp"
 #include "../core/views.hpp"
 #include "../cpu/dense_ffn.hpp"
@@ -45,13 +46,6 @@
 #include "../train/parameters.hpp"
 
 namespace dmoe {
-
-/// How the projection's weight matrix is stored. (io/ffn_io.hpp has the same notion for whole FFN
-/// checkpoints, dmoe::weight_layout; this header does not depend on io/, which needs a JSON parser.)
-enum class projection_layout {
-  in_out,  ///< (in x out), y = x W + b (dmoe's convention)
-  out_in   ///< (out x in), y = x W^T + b (PyTorch nn.Linear.weight)
-};
 
 /// Hidden width of the MLP replacing a d x d projection at equal cost: round((d^2 + d) / (2d + 1)).
 inline index_t attention_mlp_hidden(index_t d) {
@@ -197,7 +191,7 @@ attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const colum
                                         typename convert_detail::mlp_no_deduce<matrix_view<const T>>::type x,
                                         const attention_mlp_options& opt = {},
                                         typename convert_detail::mlp_no_deduce<matrix_view<const T>>::type heldout_x = {},
-                                        projection_layout layout = projection_layout::in_out,
+                                        weight_layout layout = weight_layout::in_out,
                                         const attention_mlp_callback& progress = {}) {
   static_assert(!Act::gated,
                 "dmoe::fit_attention_mlp: the replacement MLP has one first-layer matrix; gated activations "
@@ -231,7 +225,7 @@ attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const colum
   const auto start = std::chrono::steady_clock::now();
   const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   const index_t h = opt.hidden > 0 ? opt.hidden : attention_mlp_hidden(d), N = x.rows;
-  const col_matrix<T> W = layout == projection_layout::in_out ? col_matrix<T>(weight) : col_matrix<T>(weight.transpose());
+  const col_matrix<T> W = layout == weight_layout::in_out ? col_matrix<T>(weight) : col_matrix<T>(weight.transpose());
   const column_vector<T> b = bias.size() ? bias : column_vector<T>(column_vector<T>::Zero(d));
   const auto targets_of = [&](matrix_view<const T> in) {
     row_matrix<T> y = convert_detail::mlp_map(in) * W;

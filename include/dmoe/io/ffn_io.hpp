@@ -14,16 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "../core/layout.hpp"
 #include "../cpu/dense_ffn.hpp"
 #include "safetensors.hpp"
 
 namespace dmoe {
-
-/// How a checkpoint stores a projection from `in` to `out` features.
-enum class weight_layout {
-  out_in,  ///< (out, in), PyTorch nn.Linear
-  in_out   ///< (in, out), GPT-2 Conv1D
-};
 
 /// Tensor names of one dense FFN. Empty bias names mean "no bias in the file" (loaded as 0,
 /// not saved). For gated activations w_gate is the gate projection and w1 the up projection.

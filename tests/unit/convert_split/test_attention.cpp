@@ -152,7 +152,7 @@ TEST_SUITE("convert") {
     const auto p = make_problem<T>(11, 16, 3, 2048, 512);
     int calls = 0;
     index_t last_tokens = 0;
-    const auto res = dmoe::fit_attention_mlp(p.w, p.b, p.x, fit_options(), p.heldout, dmoe::projection_layout::in_out,
+    const auto res = dmoe::fit_attention_mlp(p.w, p.b, p.x, fit_options(), p.heldout, dmoe::weight_layout::in_out,
                                              [&](const dmoe::attention_mlp_progress& pr) {
                                                ++calls;
                                                CHECK(pr.epoch == calls);
@@ -182,7 +182,7 @@ TEST_SUITE("convert") {
     o.epochs = 3;
     const auto a = dmoe::fit_attention_mlp(p.w, p.b, p.x, o);
     const dmoe::col_matrix<double> wt = p.w.transpose();
-    const auto b = dmoe::fit_attention_mlp(wt, p.b, p.x, o, {}, dmoe::projection_layout::out_in);
+    const auto b = dmoe::fit_attention_mlp(wt, p.b, p.x, o, {}, dmoe::weight_layout::out_in);
     CHECK(a.mlp.w1() == b.mlp.w1());
     CHECK(a.mlp.w2() == b.mlp.w2());
     CHECK(a.mlp.b2() == b.mlp.b2());
