@@ -33,6 +33,8 @@ ERROR_FLOOR = 1e-6
 def read_sweep(path: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
     """Rows of one CSV grouped by (router, policy), each sorted by FLOPs fraction."""
     curves: dict[tuple[str, str], list[dict[str, float]]] = {}
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file (write it with examples/04_convert_minilm --csv DIR)")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         need = {"router", "policy", "flops_fraction", *METRICS}
