@@ -51,7 +51,7 @@ nvcc --version | tail -2
 
 step "build (sm_$arch, tests and benchmark in parallel)"
 start=$(date +%s)
-nvcc "${flags[@]}" "${inc[@]}" tests/unit/main.cpp tests/cuda/test_cuda_forward.cu -o "$build/dmoe_cuda_tests" \
+nvcc "${flags[@]}" "${inc[@]}" tests/unit/main.cpp tests/cuda/test_cuda_forward.cu tests/cuda/test_cuda_second_tu.cu -o "$build/dmoe_cuda_tests" \
   > "$out/build_tests.log" 2>&1 &
 tests_pid=$!
 bench_ok=0

@@ -21,6 +21,7 @@ namespace dmoe::cuda_detail {
 
 /// After the radix sort: expert_offsets from the boundaries of the sorted keys, sorted_token and
 /// slot_row (the inverse permutation) for the used slots. Thread r looks at sorted rows r - 1, r.
+template <class = void>  // templates: header kernels must not clash across TUs
 __global__ void finish_dispatch_kernel(layer_buffers b, int E, int max_k) {
   const index_t r = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r > b.items) return;
@@ -33,6 +34,7 @@ __global__ void finish_dispatch_kernel(layer_buffers b, int E, int max_k) {
 }
 
 /// The decode path: one block, items <= small_dispatch_max_items, E + 1 bins in shared memory.
+template <class = void>
 __global__ void __launch_bounds__(single_block_threads) small_dispatch_kernel(layer_buffers b, int E, int max_k) {
   extern __shared__ int cursor[];  // (E + 1)
   const int tid = static_cast<int>(threadIdx.x);
@@ -76,12 +78,14 @@ __global__ void __launch_bounds__(single_block_threads) small_dispatch_kernel(la
 
 /// tile_offsets[e] = sum over experts before e of ceil(rows_e / gemm_bm); tile_offsets[E] is the
 /// number of M-tiles. Serial (E is small); one thread.
+template <class = void>
 __global__ void tile_offsets_kernel(layer_buffers b, int E) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   scan_tiles(b.expert_offsets, E, b.tile_offsets);
 }
 
 /// k histogram of the statistics (shared-memory counts: integer sums, order-free).
+template <class = void>
 __global__ void __launch_bounds__(single_block_threads) k_histogram_kernel(layer_buffers b, int E) {
   extern __shared__ int hist[];  // (E + 1)
   for (int e = static_cast<int>(threadIdx.x); e <= E; e += blockDim.x) hist[e] = 0;
@@ -121,7 +125,7 @@ inline status cub_temp_bytes(index_t items, index_t tokens, int key_bit_count, s
 inline status dispatch(layer_buffers& b, int E, int max_k, cudaStream_t stream) noexcept {
   cudaError_t e = cudaSuccess;
   if (use_small_dispatch(b.items, E)) {
-    small_dispatch_kernel<<<1, single_block_threads, static_cast<std::size_t>(E + 1) * sizeof(int), stream>>>(b, E,
+    small_dispatch_kernel<><<<1, single_block_threads, static_cast<std::size_t>(E + 1) * sizeof(int), stream>>>(b, E,
                                                                                                          max_k);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "small_dispatch_kernel launch");
   } else {
@@ -129,10 +133,10 @@ inline status dispatch(layer_buffers& b, int E, int max_k, cudaStream_t stream) 
     e = cub::DeviceRadixSort::SortPairs(b.sort_temp, bytes, b.sort_keys, b.sort_keys_out, b.sort_vals,
                                         b.sort_vals_out, static_cast<int>(b.items), 0, key_bits(E), stream);
     if (e != cudaSuccess) return cuda_failure(e, "cub::DeviceRadixSort::SortPairs");
-    finish_dispatch_kernel<<<static_cast<unsigned>(blocks_for(b.items + 1, 256)), 256, 0, stream>>>(b, E, max_k);
+    finish_dispatch_kernel<><<<static_cast<unsigned>(blocks_for(b.items + 1, 256)), 256, 0, stream>>>(b, E, max_k);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "finish_dispatch_kernel launch");
   }
-  tile_offsets_kernel<<<1, 32, 0, stream>>>(b, E);
+  tile_offsets_kernel<><<<1, 32, 0, stream>>>(b, E);
   if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "tile_offsets_kernel launch");
   return {};
 }

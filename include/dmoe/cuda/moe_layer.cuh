@@ -225,7 +225,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     err = cub::DeviceScan::ExclusiveSum(b.scan_temp, scan_bytes, b.counts, b.token_offsets,
                                         static_cast<int>(tokens + 1), stream);
     if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "moe_layer<cuda>::forward: cub::DeviceScan");
-    cuda_detail::compact_plan_kernel<<<static_cast<unsigned>(cuda_detail::blocks_for(b.items, 256)), 256, 0, stream>>>(
+    cuda_detail::compact_plan_kernel<><<<static_cast<unsigned>(cuda_detail::blocks_for(b.items, 256)), 256, 0, stream>>>(
         b, mk);
     if ((err = cudaGetLastError()) != cudaSuccess) return cuda_detail::cuda_failure(err, "compact_plan_kernel launch");
 
@@ -525,7 +525,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   /// allocated.
   status read_stats(const context<cuda>& ctx, const cuda_detail::layer_buffers& b, routing_stats& st) const noexcept {
     const int E = static_cast<int>(num_experts());
-    cuda_detail::k_histogram_kernel<<<1, cuda_detail::single_block_threads,
+    cuda_detail::k_histogram_kernel<><<<1, cuda_detail::single_block_threads,
                                       static_cast<std::size_t>(E + 1) * sizeof(int), ctx.stream>>>(b, E);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "k_histogram_kernel launch");

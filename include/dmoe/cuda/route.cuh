@@ -136,6 +136,9 @@ __global__ void __launch_bounds__(select_warps * 32)
 }
 
 /// Copies each token's selections from the strided layout into the compressed plan rows.
+// (Kernels are templates, even with nothing to vary, so that every .cu TU may include this header:
+// a non-template __global__ function would be defined once per TU and clash at link time.)
+template <class = void>
 __global__ void compact_plan_kernel(layer_buffers b, int max_k) {
   const index_t j = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= b.items) return;
