@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
-# Builds the examples (release preset) and runs the first one: build/release/examples/01_*.
-# Arguments are passed to the example (e.g. --quick). Installs missing Debian packages first.
+# Builds the examples (release preset) and runs the demo, example 04: the all-MiniLM-L6-v2 FFNs in
+# tests/data converted into dynamic-k MoE layers, routers fitted, the threshold sweep against the
+# MoEfication top-k baseline, and the measured speed against the dense layer.
+# Arguments are passed to the example (e.g. --quick, --threads 1, --csv DIR). Installs missing
+# Debian packages first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -10,14 +13,8 @@ source scripts/packages.sh
 
 ensure_packages demo.sh
 cmake --preset release
-cmake --build --preset release -j "$jobs" --target dmoe_examples
+cmake --build --preset release -j "$jobs" --target 04_convert_minilm
 
-shopt -s nullglob
-for d in build/release/examples/01_*; do
-  if [[ -f "$d" && -x "$d" ]]; then
-    echo "==== $d $*"
-    exec "$d" "$@"
-  fi
-done
-echo "demo.sh: no build/release/examples/01_* program" >&2
-exit 1
+demo=build/release/examples/04_convert_minilm
+echo "==== $demo $*"
+exec "$demo" --csv build/release "$@"
