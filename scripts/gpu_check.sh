@@ -81,7 +81,7 @@ if [[ $bench_ok == 1 ]]; then
   python3 - "$out/bench_cuda_forward.json" <<'PY' || true
 import json, sys
 d = json.load(open(sys.argv[1]))
-cols = ["f", "mean_k", "moe_ms", "dense_ms", "speedup", "eta", "tflops", "sol"]
+cols = ["f", "mean_k", "moe_ms", "dense_ms", "speedup", "eta", "tflops", "sol", "graph_ms", "graph_sol"]
 print(f"{'benchmark':<28}" + "".join(f"{c:>10}" for c in cols))
 for b in d.get("benchmarks", []):
     print(f"{b['name']:<28}" + "".join(f"{b.get(c, float('nan')):>10.3f}" for c in cols))
