@@ -265,8 +265,7 @@ attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const colum
   std::iota(order.begin(), order.end(), index_t{0});
   detail::rng g(opt.seed);
   for (int epoch = 1; epoch <= opt.epochs; ++epoch) {
-    for (index_t i = N - 1; i > 0; --i)
-      std::swap(order[std::size_t(i)], order[std::size_t(g.below(std::uint64_t(i) + 1))]);
+    g.shuffle(order.begin(), order.end());
     double epoch_loss = 0, epoch_mse = 0, lambda = 0;
     for (index_t b0 = 0; b0 < N; b0 += B) {
       const index_t rows = (std::min)(B, N - b0);

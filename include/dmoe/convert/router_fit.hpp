@@ -81,47 +81,18 @@ struct router_fit_report {
   double seconds = 0;
 };
 
-namespace convert_detail {
-/// matrix_view<const T> in a non-deduced context, so that callers can pass Eigen row-major
-/// matrices (T comes from the layer or the weights).
-template <class T>
-struct fit_view_identity {
-  using type = matrix_view<const T>;
-};
-template <class T>
-using fit_view = typename fit_view_identity<T>::type;
-}  // namespace convert_detail
-
 /// MoEfication's per-expert score: targets(t, e) = sum_j max(h_te[j], 0), h_te the activations
 /// of expert e's neurons for token t (gated: act(gate) * up); (tokens, num_experts).
 template <class Activation, class T>
-row_matrix<T> expert_summed_activations(const expert_weights<T>& experts, convert_detail::fit_view<T> x) {
-  const index_t d = experts.d_model(), E = experts.num_experts(), n = experts.width();
-  if (x.cols != d)
-    detail::raisef(errc::invalid_argument,
-                   "expert_summed_activations: x has %td columns, experts have d_model %td", x.cols, d);
-  Eigen::Map<const row_matrix<T>, 0, Eigen::OuterStride<>> X(x.data, x.rows, d, Eigen::OuterStride<>(x.row_stride));
-  row_matrix<T> out(x.rows, E);
-  for (index_t e = 0; e < E; ++e) {
-    row_matrix<T> pre = X * experts.w1(e);
-    if (experts.b1(e).size()) pre.rowwise() += experts.b1(e).transpose();
-    Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> h;
-    if constexpr (Activation::gated) {
-      h = pre.leftCols(n).array();
-      Activation::base::apply_inplace(h);
-      h *= pre.rightCols(n).array();
-    } else {
-      h = pre.array();
-      Activation::apply_inplace(h);
-    }
-    out.col(e) = h.cwiseMax(T(0)).rowwise().sum().matrix();
-  }
-  return out;
+row_matrix<T> expert_summed_activations(const expert_weights<T>& experts, input_view<T> x) {
+  return detail::per_expert_rows<Activation>("expert_summed_activations", experts, x, [](const auto& h, index_t) {
+    return h.cwiseMax(T(0)).rowwise().sum().matrix().eval();
+  });
 }
 
 /// The regression targets of `target` for inputs x, (tokens, num_experts).
 template <class Activation, class T>
-row_matrix<T> router_targets(const expert_weights<T>& experts, convert_detail::fit_view<T> x, router_target target) {
+row_matrix<T> router_targets(const expert_weights<T>& experts, input_view<T> x, router_target target) {
   return target == router_target::output_norm ? expert_output_norms<Activation>(experts, x)
                                               : expert_summed_activations<Activation>(experts, x);
 }
@@ -156,9 +127,9 @@ param_list<T> router_params(dynamic_k_router<T>& r) {
 /// Optional held-out inputs and targets (same columns) are evaluated before and after.
 /// `progress` is called after every epoch.
 template <class T>
-router_fit_report fit_router(dynamic_k_router<T>& router, convert_detail::fit_view<T> x,
-                             convert_detail::fit_view<T> targets, const router_fit_options& opt = {},
-                             convert_detail::fit_view<T> heldout_x = {}, convert_detail::fit_view<T> heldout_targets = {},
+router_fit_report fit_router(dynamic_k_router<T>& router, input_view<T> x,
+                             input_view<T> targets, const router_fit_options& opt = {},
+                             input_view<T> heldout_x = {}, input_view<T> heldout_targets = {},
                              const router_fit_callback& progress = {}) {
   const index_t d = router.d_model(), E = router.num_experts(), N = x.rows;
   if (x.cols != d || targets.rows != N || targets.cols != E)
@@ -206,9 +177,7 @@ router_fit_report fit_router(dynamic_k_router<T>& router, convert_detail::fit_vi
   std::iota(order.begin(), order.end(), index_t{0});
   detail::rng g(opt.seed);
   for (int epoch = 1; epoch <= opt.epochs; ++epoch) {
-    // Fisher-Yates with the library's platform-independent generator: same order everywhere.
-    for (index_t i = N - 1; i > 0; --i)
-      std::swap(order[std::size_t(i)], order[std::size_t(g.below(std::uint64_t(i) + 1))]);
+    g.shuffle(order.begin(), order.end());  // platform-independent: the same order everywhere
     double epoch_loss = 0;
     for (index_t b0 = 0; b0 < N; b0 += B) {
       const index_t rows = (std::min)(B, N - b0);
@@ -241,8 +210,8 @@ router_fit_report fit_router(dynamic_k_router<T>& router, convert_detail::fit_vi
 /// from the layer's own experts (`target`), then fit_router. Held-out inputs are optional.
 template <class T, class Activation, std::size_t Experts, std::size_t Width>
 router_fit_report fit_router(moe_layer<T, cpu, dynamic_k, Activation, Experts, Width>& layer,
-                             convert_detail::fit_view<T> x, router_target target = router_target::output_norm,
-                             const router_fit_options& opt = {}, convert_detail::fit_view<T> heldout_x = {},
+                             input_view<T> x, router_target target = router_target::output_norm,
+                             const router_fit_options& opt = {}, input_view<T> heldout_x = {},
                              const router_fit_callback& progress = {}) {
   const row_matrix<T> y = router_targets<Activation>(layer.experts(), x, target);
   row_matrix<T> yh;

@@ -242,7 +242,7 @@ inline neuron_split split_features(const dmat& X, index_t E, const split_options
       std::vector<index_t> perm(sz(F)), a(sz(F));
       std::iota(perm.begin(), perm.end(), index_t{0});
       detail::rng g(opt.seed ^ 0x7a11d0f5e1ecULL);
-      for (index_t i = F - 1; i > 0; --i) std::swap(perm[sz(i)], perm[sz(index_t(g.below(std::uint64_t(i + 1))))]);
+      g.shuffle(perm.begin(), perm.end());
       for (index_t s = 0; s < F; ++s) a[sz(perm[sz(s)])] = s / (F / E);
       best = split_from_assignment(a, E);
       best.inertia = split_inertia(X, a, E);

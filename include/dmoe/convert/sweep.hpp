@@ -59,21 +59,10 @@ struct sweep_point {
   double mean_cosine = 0;      ///< mean over tokens of cos(y_t, y_ref_t)
 };
 
-namespace convert_detail {
-/// matrix_view<const T> in a non-deduced context, so that callers can pass Eigen row-major
-/// matrices (T comes from the layer).
-template <class T>
-struct sweep_view_identity {
-  using type = matrix_view<const T>;
-};
-template <class T>
-using sweep_view = typename sweep_view_identity<T>::type;
-}  // namespace convert_detail
-
 /// Dense FFN output for x (convenience for the sweep's reference).
 template <class T, class Activation>
 row_matrix<T> dense_output(const context<cpu>& ctx, const dense_ffn<T, Activation>& dense,
-                           convert_detail::sweep_view<T> x) {
+                           input_view<T> x) {
   row_matrix<T> y(x.rows, dense.d_model());
   workspace_buffer ws(dense.workspace_size(ctx, x.rows));
   throw_if_error(dense.forward(ctx, x, y, ws));
@@ -138,7 +127,7 @@ struct options_guard {
 /// Measures the layer with its current router options on x against y_ref.
 template <class T, class Activation, std::size_t Experts, std::size_t Width>
 sweep_point measure_point(const context<cpu>& ctx, const moe_layer<T, cpu, dynamic_k, Activation, Experts, Width>& layer,
-                          convert_detail::sweep_view<T> x, convert_detail::sweep_view<T> y_ref,
+                          input_view<T> x, input_view<T> y_ref,
                           const std::string& router_name, const std::string& policy = "dynamic_k") {
   convert_detail::check_sweep_inputs("measure_point", layer, x, y_ref);
   row_matrix<T> y(x.rows, layer.d_model());
@@ -166,7 +155,7 @@ sweep_point measure_point(const context<cpu>& ctx, const moe_layer<T, cpu, dynam
 template <class T, class Activation, std::size_t Experts, std::size_t Width>
 std::vector<sweep_point> sweep_dynamic_k(const context<cpu>& ctx,
                                          moe_layer<T, cpu, dynamic_k, Activation, Experts, Width>& layer,
-                                         convert_detail::sweep_view<T> x, convert_detail::sweep_view<T> y_ref,
+                                         input_view<T> x, input_view<T> y_ref,
                                          const std::vector<double>& taus, const std::string& router_name = "d2dmoe") {
   convert_detail::check_sweep_inputs("sweep_dynamic_k", layer, x, y_ref);
   convert_detail::options_guard<std::decay_t<decltype(layer)>> guard(layer);
@@ -184,7 +173,7 @@ std::vector<sweep_point> sweep_dynamic_k(const context<cpu>& ctx,
 template <class T, class Activation, std::size_t Experts, std::size_t Width>
 std::vector<sweep_point> sweep_top_k(const context<cpu>& ctx,
                                      moe_layer<T, cpu, dynamic_k, Activation, Experts, Width>& layer,
-                                     convert_detail::sweep_view<T> x, convert_detail::sweep_view<T> y_ref,
+                                     input_view<T> x, input_view<T> y_ref,
                                      const std::vector<index_t>& ks, const std::string& router_name = "moefication") {
   convert_detail::check_sweep_inputs("sweep_top_k", layer, x, y_ref);
   convert_detail::options_guard<std::decay_t<decltype(layer)>> guard(layer);

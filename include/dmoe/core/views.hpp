@@ -67,6 +67,19 @@ struct vector_view {
   constexpr T& operator[](index_t i) const noexcept { return data[i]; }
 };
 
+namespace detail {
+template <class T>
+struct nondeduced {
+  using type = T;
+};
+}  // namespace detail
+
+/// matrix_view<const T> in a non-deduced context. Cold-path function templates (conversion,
+/// fitting, sweeps) take their inputs as input_view<T> with T deduced from another argument (a
+/// layer, weights), so that callers can pass Eigen row-major matrices directly.
+template <class T>
+using input_view = typename detail::nondeduced<matrix_view<const T>>::type;
+
 /// Row-major dynamic Eigen matrix, the natural owner type for token batches.
 template <class T>
 using row_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

@@ -17,12 +17,14 @@
 
 namespace dmoe {
 
-/// targets(t, e) = || h_te W2_e ||_2, h_te = act(x_t W1_e + b1_e); (tokens, num_experts).
-template <class Activation, class T>
-row_matrix<T> expert_output_norms(const expert_weights<T>& experts, matrix_view<const T> x) {
+namespace detail {
+/// For every expert e in turn, h = act(x W1_e + b1_e) (gated: act(gate) * up), (tokens, n), and
+/// out.col(e) = per_row(h): the all-experts forward that router targets are computed from.
+template <class Activation, class T, class PerRow>
+row_matrix<T> per_expert_rows(const char* who, const expert_weights<T>& experts, matrix_view<const T> x,
+                              PerRow per_row) {
   const index_t d = experts.d_model(), E = experts.num_experts(), n = experts.width();
-  if (x.cols != d)
-    detail::raisef(errc::invalid_argument, "expert_output_norms: x has %td columns, experts have d_model %td", x.cols, d);
+  if (x.cols != d) raisef(errc::invalid_argument, "%s: x has %td columns, experts have d_model %td", who, x.cols, d);
   Eigen::Map<const row_matrix<T>, 0, Eigen::OuterStride<>> X(x.data, x.rows, d, Eigen::OuterStride<>(x.row_stride));
   row_matrix<T> out(x.rows, E);
   for (index_t e = 0; e < E; ++e) {
@@ -37,9 +39,18 @@ row_matrix<T> expert_output_norms(const expert_weights<T>& experts, matrix_view<
       h = pre.array();
       Activation::apply_inplace(h);
     }
-    out.col(e) = (h.matrix() * experts.w2(e)).rowwise().norm();
+    out.col(e) = per_row(h, e);
   }
   return out;
+}
+}  // namespace detail
+
+/// targets(t, e) = || h_te W2_e ||_2, h_te = act(x_t W1_e + b1_e); (tokens, num_experts).
+template <class Activation, class T>
+row_matrix<T> expert_output_norms(const expert_weights<T>& experts, matrix_view<const T> x) {
+  return detail::per_expert_rows<Activation>("expert_output_norms", experts, x, [&](const auto& h, index_t e) {
+    return (h.matrix() * experts.w2(e)).rowwise().norm().eval();
+  });
 }
 
 /// Mean squared error of the router's predictions r = |ReLU(x Wa) Wb| against `targets`

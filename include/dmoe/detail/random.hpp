@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <iterator>
+#include <utility>
 
 namespace dmoe::detail {
 
@@ -33,6 +35,15 @@ class rng {
   }
   /// Uniform integer in [0, n).
   std::uint64_t below(std::uint64_t n) noexcept { return n ? next() % n : 0; }
+  /// Fisher-Yates shuffle of [first, last): the same order on every platform for a seed.
+  template <class RandomIt>
+  void shuffle(RandomIt first, RandomIt last) noexcept {
+    const auto n = static_cast<std::uint64_t>(std::distance(first, last));
+    for (std::uint64_t i = n; i > 1; --i) {
+      using diff = typename std::iterator_traits<RandomIt>::difference_type;
+      std::swap(first[static_cast<diff>(i - 1)], first[static_cast<diff>(below(i))]);
+    }
+  }
 
  private:
   std::uint64_t state_;
