@@ -13,13 +13,6 @@
 ///
 ///   bench_convert --benchmark_out=convert.json --benchmark_out_format=json
 
-// GCC 12 reports -Wmaybe-uninitialized inside Eigen's AVX-512 GEMM packing (a false positive in a
-// system header that -isystem does not silence once inlined here); the benchmark builds with
-// -march=native, where that code is compiled.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
 #include <cstdint>
 
 #include <benchmark/benchmark.h>
