@@ -151,13 +151,18 @@ class device_array {
   std::size_t size() const noexcept { return count_; }
   bool empty() const noexcept { return count_ == 0; }
 
-  /// Synchronous copy from host (count elements).
+  /// Synchronous copy from host (count elements): the data is on the device when this returns.
   void upload(const T* src, std::size_t count) {
     if (count > count_)
       detail::raisef(errc::invalid_argument, "device_array::upload: %zu elements into an array of %zu", count, count_);
-    if (count > 0)
+    if (count > 0) {
       cuda_detail::throw_on_cuda(cudaMemcpy(ptr_, src, count * sizeof(T), cudaMemcpyHostToDevice),
                                  "device_array::upload: cudaMemcpy");
+      // cudaMemcpy from pageable memory may return once the data is staged, before the DMA has
+      // landed; work on a non-blocking stream (not ordered after the default stream) could then
+      // read stale memory. Wait for the default stream, which ran the copy.
+      cuda_detail::throw_on_cuda(cudaStreamSynchronize(nullptr), "device_array::upload: cudaStreamSynchronize");
+    }
   }
   void upload(const std::vector<T>& v) { upload(v.data(), v.size()); }
   /// Synchronous copy to host (the whole array).

@@ -145,6 +145,8 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
       active_.upload(std::vector<std::uint8_t>(norms.size(), std::uint8_t{1}));
       num_active_ = num_experts();
     }
+    // The router-bias cudaMemset may still be in flight (see allocate()).
+    cuda_detail::throw_on_cuda(cudaStreamSynchronize(nullptr), "moe_layer<cuda>::randomize: cudaStreamSynchronize");
   }
 
   /// Validates and applies router options (as the CPU router's set_options).
@@ -377,6 +379,9 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
       expert_norm_.upload(std::vector<float>(sz(E), top_any_router<float>::norm_eps));
       active_.upload(std::vector<std::uint8_t>(sz(E), std::uint8_t{1}));
     }
+    // cudaMemset may return before the device has written: wait, so that a forward on a stream
+    // not ordered after the default stream (cudaStreamNonBlocking) sees the zeros.
+    cuda_detail::throw_on_cuda(cudaStreamSynchronize(nullptr), "moe_layer<cuda>: cudaStreamSynchronize");
   }
 
   static void upload_converted(device_array<T>& dst, const std::vector<float>& src) {
