@@ -539,8 +539,11 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
       // E + 1 int32 land in the first half of k_histogram's E + 1 index_t, then widen in place
       // from the back (slot e is written only after int32 entries e..2e+1 have been read).
       index_t* dst = st.k_histogram.data();
-      cudaError_t e2 = cudaMemcpy(dst, src, static_cast<std::size_t>(E + 1) * sizeof(std::int32_t),
-                                  cudaMemcpyDeviceToHost);
+      // On ctx.stream, not the default stream: a legacy-default-stream copy would wait for (and,
+      // in global capture mode, invalidate a capture on) every other blocking stream.
+      cudaError_t e2 = cudaMemcpyAsync(dst, src, static_cast<std::size_t>(E + 1) * sizeof(std::int32_t),
+                                       cudaMemcpyDeviceToHost, ctx.stream);
+      if (e2 == cudaSuccess) e2 = cudaStreamSynchronize(ctx.stream);
       if (e2 != cudaSuccess) return e2;
       auto* bytes = reinterpret_cast<unsigned char*>(dst);
       for (int e = E; e >= 0; --e) {
