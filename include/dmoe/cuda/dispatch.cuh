@@ -84,7 +84,7 @@ __global__ void tile_offsets_kernel(layer_buffers b, int E) {
   scan_tiles(b.expert_offsets, E, b.tile_offsets);
 }
 
-/// k histogram of the statistics (shared-memory counts: integer sums, order-free).
+/// k histogram of the statistics (shared-memory counts: integer sums, order-free). One block.
 template <class = void>
 __global__ void __launch_bounds__(single_block_threads) k_histogram_kernel(layer_buffers b, int E) {
   extern __shared__ int hist[];  // (E + 1)
@@ -93,6 +93,20 @@ __global__ void __launch_bounds__(single_block_threads) k_histogram_kernel(layer
   for (index_t t = threadIdx.x; t < b.tokens; t += blockDim.x) atomicAdd(&hist[b.counts[t]], 1);
   __syncthreads();
   for (int e = static_cast<int>(threadIdx.x); e <= E; e += blockDim.x) b.k_histogram[e] = hist[e];
+}
+
+/// The same histogram with global integer atomics into a zeroed k_histogram (E + 1 bins too many
+/// for the default 48 KiB of dynamic shared memory). Any grid.
+template <class = void>
+__global__ void k_histogram_global_kernel(layer_buffers b) {
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t t = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < b.tokens; t += stride)
+    atomicAdd(&b.k_histogram[b.counts[t]], 1);
+}
+
+/// Whether k_histogram_kernel's E + 1 shared-memory bins fit the default dynamic shared memory.
+inline bool k_histogram_in_shared(index_t E) noexcept {
+  return (E + 1) * static_cast<index_t>(sizeof(int)) <= 48 * 1024;
 }
 
 /// Whether the one-block decode dispatch applies (its bins must fit the default shared memory).

@@ -530,9 +530,19 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   /// allocated.
   status read_stats(const context<cuda>& ctx, const cuda_detail::layer_buffers& b, routing_stats& st) const noexcept {
     const int E = static_cast<int>(num_experts());
-    cuda_detail::k_histogram_kernel<><<<1, cuda_detail::single_block_threads,
-                                      static_cast<std::size_t>(E + 1) * sizeof(int), ctx.stream>>>(b, E);
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = cudaSuccess;
+    if (cuda_detail::k_histogram_in_shared(E)) {
+      cuda_detail::k_histogram_kernel<><<<1, cuda_detail::single_block_threads,
+                                        static_cast<std::size_t>(E + 1) * sizeof(int), ctx.stream>>>(b, E);
+    } else {
+      // More than 12287 experts: E + 1 shared bins would exceed 48 KiB and the launch would fail.
+      err = cudaMemsetAsync(b.k_histogram, 0, static_cast<std::size_t>(E + 1) * sizeof(std::int32_t), ctx.stream);
+      if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "k_histogram cudaMemsetAsync");
+      cuda_detail::k_histogram_global_kernel<><<<static_cast<unsigned>(cuda_detail::blocks_for(
+                                                     (std::min)(b.tokens, index_t{1} << 20), 256)),
+                                                 256, 0, ctx.stream>>>(b);
+    }
+    err = cudaGetLastError();
     if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "k_histogram_kernel launch");
     DMOE_TRY(read_error(ctx, b));  // also synchronises
     const auto fetch = [&](const std::int32_t* src) -> cudaError_t {
