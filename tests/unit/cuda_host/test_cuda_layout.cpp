@@ -257,3 +257,47 @@ TEST_SUITE("cuda_host") {
     }
   }
 }
+
+TEST_SUITE("cuda_host") {
+  // grouped_gemm_kernel's persistent loop, with its arithmetic: block b takes linear tiles b,
+  // b + grid, ... < tile_offsets[E] * ntn, splits each into (mt = tile / ntn, nt = tile % ntn), finds
+  // the expert by expert_of_tile and its rows [row0, min(row0 + bm, row_end)) and columns
+  // [nt bn, min(nt bn + bn, N)). Every output element of every expert must be written exactly once,
+  // whatever grid the host chose from persistent_grid (small or larger than the tile count).
+  TEST_CASE("persistent GEMM walk: every (row, column) of every expert exactly once") {
+    dmoe_testing::splitmix g(33, 7, 1);
+    for (int trial = 0; trial < 300; ++trial) {
+      const int E = g.integer(1, 12), max_k = g.integer(1, E), tokens = g.integer(1, 160);
+      const int N = g.integer(1, 200), sms = g.integer(1, 8);
+      const index_t items = index_t(tokens) * max_k;
+      // a split of at most `items` rows over the experts, some experts idle
+      std::vector<std::int32_t> off(std::size_t(E + 1), 0);
+      const int hot = g.integer(1, E);
+      const int used = g.integer(0, int(items));
+      for (int i = 0; i < used; ++i) ++off[std::size_t(g.integer(0, hot - 1) + 1)];
+      for (int e = 0; e < E; ++e) off[std::size_t(e + 1)] += off[std::size_t(e)];
+      std::vector<std::int32_t> tiles(std::size_t(E + 1));
+      cd::scan_tiles(off.data(), E, tiles.data());
+      const int ntn = (N + cd::gemm_bn - 1) / cd::gemm_bn;
+      const index_t grid = cd::persistent_grid(cd::max_m_tiles(items, E) * cd::n_tiles(N), sms);
+      const int total = tiles[std::size_t(E)] * ntn;
+      REQUIRE(index_t(total) <= cd::max_m_tiles(items, E) * cd::n_tiles(N));
+      std::vector<int> hits(std::size_t(used) * std::size_t(N), 0);  // sorted row x column
+      for (index_t blk = 0; blk < grid; ++blk)
+        for (int tile = int(blk); tile < total; tile += int(grid)) {
+          const int mt = tile / ntn, nt = tile % ntn;
+          const int e = cd::expert_of_tile(tiles.data(), E, mt);
+          const int row0 = off[std::size_t(e)] + (mt - tiles[std::size_t(e)]) * cd::gemm_bm;
+          const int row_end = off[std::size_t(e + 1)];
+          REQUIRE(row0 < row_end);  // no tile without rows
+          for (int r = 0; r < cd::gemm_bm; ++r)
+            for (int c = 0; c < cd::gemm_bn; ++c) {
+              const int row = row0 + r, col = nt * cd::gemm_bn + c;
+              if (row >= row_end || col >= N) continue;  // the kernel's mask
+              ++hits[std::size_t(row) * std::size_t(N) + std::size_t(col)];
+            }
+        }
+      for (int h : hits) REQUIRE(h == 1);
+    }
+  }
+}
