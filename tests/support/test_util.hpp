@@ -115,6 +115,17 @@ void randomize_experts(dmoe::expert_weights<T>& w, test_rng& g) {
 }
 using dmoe_testing::fill_uniform;
 
+/// A dense FFN with PyTorch-scale weights (+-1/sqrt(fan_in)) and biases in +-0.5.
+template <class T, class A>
+dmoe::dense_ffn<T, A> random_dense(test_rng& g, int d, int F) {
+  dmoe::dense_ffn<T, A> f(d, F);
+  fill_uniform(f.w1(), g, -1.0 / std::sqrt(double(d)), 1.0 / std::sqrt(double(d)));
+  fill_uniform(f.b1(), g, -0.5, 0.5);
+  fill_uniform(f.w2(), g, -1.0 / std::sqrt(double(F)), 1.0 / std::sqrt(double(F)));
+  fill_uniform(f.b2(), g, -0.5, 0.5);
+  return f;
+}
+
 template <class T>
 void randomize_router(dmoe::top_k_router<T>& r, test_rng& g, const case_params&) {
   fill_uniform(r.weight(), g, -1.0, 1.0);

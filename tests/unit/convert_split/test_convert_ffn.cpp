@@ -17,16 +17,6 @@ using dmoe::row_matrix;
 namespace {
 
 template <class T, class A>
-dmoe::dense_ffn<T, A> random_dense(test_rng& g, int d, int F) {
-  dmoe::dense_ffn<T, A> f(d, F);
-  fill_uniform(f.w1(), g, -1.0 / std::sqrt(double(d)), 1.0 / std::sqrt(double(d)));
-  fill_uniform(f.b1(), g, -0.5, 0.5);
-  fill_uniform(f.w2(), g, -1.0 / std::sqrt(double(F)), 1.0 / std::sqrt(double(F)));
-  fill_uniform(f.b2(), g, -0.5, 0.5);
-  return f;
-}
-
-template <class T, class A>
 void check_weights_moved(const dmoe::dense_ffn<T, A>& f, const dmoe::neuron_split& s,
                          const dmoe::moe_layer<T, dmoe::cpu, dmoe::dynamic_k, A>& m) {
   const index_t d = f.d_model(), F = f.hidden(), n = s.width;
