@@ -2,45 +2,34 @@
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
 /// \file
-/// The CPU product every hot path uses: C (+)= A B^T with both operands read along contiguous
-/// rows ("dot-product form"). A's rows are tokens (optionally picked through an index array, so
-/// expert inputs are never gathered into a copy); B's rows are weight vectors (a neuron's input
-/// weights, or the hidden-unit weights of one output). The layouts of expert_weights and the
-/// routers are chosen so that every product has this form, which needs no packing: at the few
-/// rows per expert that sparse routing gives, packing the weights (as a general GEMM does) costs
-/// as much as the arithmetic.
+/// The router's product: C += A B^T with both operands read along contiguous rows
+/// ("dot-product form"). A's rows are tokens; B's rows are the router's weight vectors (one per
+/// expert, or per hidden unit), stored so that no packing is needed. The expert products, where
+/// the FLOPs are, use the packed-panel kernels of cpu/detail/panel_kernels.hpp instead.
 ///
-/// On x86-64 with GCC/Clang an AVX2+FMA kernel is compiled with a target attribute and chosen at
-/// run time (no -march flag needed); elsewhere, and for double, Eigen's GEMM does the product.
-/// Each output element is reduced in a fixed order that depends only on K, so results are
-/// identical however tasks are spread over threads.
+/// On x86-64 with GCC/Clang an AVX2+FMA kernel is compiled with a target attribute and used when
+/// the active instruction set (cpu/detail/isa.hpp) has it; otherwise a plain loop. Each output
+/// element is reduced in a fixed order that depends only on K, never on the number of rows, so a
+/// token's scores (and so its routing) do not depend on the batch it is in nor on the threads.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #include "../core/config.hpp"
+#include "detail/isa.hpp"
+#include "detail/panel_kernels.hpp"
 #include "gemm.hpp"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(DMOE_NO_SIMD_KERNELS)
+#if DMOE_HAVE_X86_KERNELS
 #define DMOE_HAVE_AVX2_KERNEL 1
-#include <immintrin.h>
 #define DMOE_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define DMOE_HAVE_AVX2_KERNEL 0
 #endif
 
 namespace dmoe::cpu_detail {
-
-/// Operand A of a product: rows of K contiguous values, row i at data + row(i) * ld.
-template <class T>
-struct row_source {
-  const T* data = nullptr;
-  index_t ld = 0;
-  const index_t* index = nullptr;  ///< optional: row i is data + index[i] * ld
-  const T* row(index_t i) const noexcept { return data + (index ? index[i] : i) * ld; }
-};
 
 /// Scratch a product may need on the fallback path (gathered A rows, Eigen packing panels).
 template <class T>
@@ -51,14 +40,6 @@ struct product_scratch {
 };
 
 #if DMOE_HAVE_AVX2_KERNEL
-/// True when this CPU runs AVX2 and FMA (checked once).
-inline bool cpu_has_avx2_fma() noexcept {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
 
 /// Sums each of the four accumulators and returns the four totals.
 DMOE_TARGET_AVX2 inline __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) noexcept {
@@ -154,31 +135,31 @@ DMOE_TARGET_AVX2 inline void product_nt_avx2(index_t m, index_t N, index_t K, ro
 #endif
 
 /// C (m x N, row-major, ldc) += A B^T with B's rows contiguous (row j at b + j * ldb), i.e. B^T is
-/// a column-major K x N matrix with leading dimension ldb.
+/// a column-major K x N matrix with leading dimension ldb. `scratch` is unused (kept for callers
+/// that size it); no path depends on m, so results are batch-invariant.
 template <class T>
 inline void product_nt(index_t m, index_t N, index_t K, row_source<T> a, const T* b, index_t ldb, T* c, index_t ldc,
                        const product_scratch<T>& scratch) noexcept {
+  (void)scratch;
   if (m <= 0 || N <= 0 || K <= 0) return;
-  if (m == 1) {  // Eigen's GEMV reads the weights once and needs no scratch
-    gemm_acc<order::col_major>(1, N, K, a.row(0), a.ld, b, ldb, c, ldc, scratch.blocking, scratch.pack);
-    return;
-  }
 #if DMOE_HAVE_AVX2_KERNEL
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2_fma()) {
+    if (active_cpu_isa() >= cpu_isa::avx2) {
       product_nt_avx2(m, N, K, a, b, ldb, c, ldc);
       return;
     }
   }
 #endif
-  const T* a_data = a.data;
-  index_t lda = a.ld;
-  if (a.index != nullptr) {
-    for (index_t i = 0; i < m; ++i) std::copy(a.row(i), a.row(i) + K, scratch.gather + i * K);
-    a_data = scratch.gather;
-    lda = K;
+  for (index_t i = 0; i < m; ++i) {
+    const T* ai = a.row(i);
+    T* ci = c + i * ldc;
+    for (index_t j = 0; j < N; ++j) {
+      const T* bj = b + j * ldb;
+      T acc = T(0);
+      for (index_t k = 0; k < K; ++k) acc = std::fma(ai[k], bj[k], acc);
+      ci[j] += acc;
+    }
   }
-  gemm_acc<order::col_major>(m, N, K, a_data, lda, b, ldb, c, ldc, scratch.blocking, scratch.pack);
 }
 
 }  // namespace dmoe::cpu_detail

@@ -13,6 +13,11 @@
 ///  - output_bias (optional): the shared b2, added once per token after the combine
 ///    (converted layers have this one).
 /// Use the accessors (Eigen maps of the logical matrices); the flat storage order is internal.
+///
+/// Every non-const accessor takes a new version stamp (version()): the CPU layer keeps packed
+/// copies of w1 and w2 for its kernels and rebuilds them when the stamp moved. Writing through a
+/// pointer or map kept from earlier (after a forward has run) needs mark_modified(); dmoe's
+/// optimizers call it for you after each step.
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +27,7 @@
 #include <Eigen/Core>
 
 #include "../core/status.hpp"
+#include "../core/version_tag.hpp"
 #include "../detail/random.hpp"
 
 namespace dmoe {
@@ -76,9 +82,9 @@ class expert_weights {
   index_t num_experts() const noexcept { return shape_.num_experts; }
   index_t width() const noexcept { return shape_.width; }
 
-  matrix_w1 w1(index_t e) noexcept { return matrix_w1(w1_ptr(e), shape_.d_model, shape_.first_width()); }
+  matrix_w1 w1(index_t e) noexcept { version_.touch(); return matrix_w1(w1_ptr(e), shape_.d_model, shape_.first_width()); }
   cmatrix_w1 w1(index_t e) const noexcept { return cmatrix_w1(w1_ptr(e), shape_.d_model, shape_.first_width()); }
-  matrix_w2 w2(index_t e) noexcept { return matrix_w2(w2_ptr(e), shape_.width, shape_.d_model); }
+  matrix_w2 w2(index_t e) noexcept { version_.touch(); return matrix_w2(w2_ptr(e), shape_.width, shape_.d_model); }
   cmatrix_w2 w2(index_t e) const noexcept { return cmatrix_w2(w2_ptr(e), shape_.width, shape_.d_model); }
   /// b1 of expert e; empty without hidden bias.
   vector_map b1(index_t e) noexcept { return vector_map(b1_ptr(e), b1_ptr(e) ? shape_.first_width() : 0); }
@@ -95,9 +101,9 @@ class expert_weights {
   }
 
   // Raw pointers (hot path).
-  T* w1_ptr(index_t e) noexcept { return w1_.data() + e * shape_.d_model * shape_.first_width(); }
+  T* w1_ptr(index_t e) noexcept { version_.touch(); return w1_.data() + e * shape_.d_model * shape_.first_width(); }
   const T* w1_ptr(index_t e) const noexcept { return w1_.data() + e * shape_.d_model * shape_.first_width(); }
-  T* w2_ptr(index_t e) noexcept { return w2_.data() + e * shape_.width * shape_.d_model; }
+  T* w2_ptr(index_t e) noexcept { version_.touch(); return w2_.data() + e * shape_.width * shape_.d_model; }
   const T* w2_ptr(index_t e) const noexcept { return w2_.data() + e * shape_.width * shape_.d_model; }
   T* b1_ptr(index_t e) noexcept { return b1_.empty() ? nullptr : b1_.data() + e * shape_.first_width(); }
   const T* b1_ptr(index_t e) const noexcept { return b1_.empty() ? nullptr : b1_.data() + e * shape_.first_width(); }
@@ -106,9 +112,9 @@ class expert_weights {
   const T* output_bias_ptr() const noexcept { return b2_.empty() ? nullptr : b2_.data(); }
 
   /// All parameters of one kind, flat (for optimizers and IO).
-  std::vector<T>& w1_storage() noexcept { return w1_; }
+  std::vector<T>& w1_storage() noexcept { version_.touch(); return w1_; }
   std::vector<T>& b1_storage() noexcept { return b1_; }
-  std::vector<T>& w2_storage() noexcept { return w2_; }
+  std::vector<T>& w2_storage() noexcept { version_.touch(); return w2_; }
   std::vector<T>& expert_bias_storage() noexcept { return b2e_; }
   std::vector<T>& output_bias_storage() noexcept { return b2_; }
   const std::vector<T>& w1_storage() const noexcept { return w1_; }
@@ -117,13 +123,22 @@ class expert_weights {
   const std::vector<T>& expert_bias_storage() const noexcept { return b2e_; }
   const std::vector<T>& output_bias_storage() const noexcept { return b2_; }
 
+  /// Stamp of the weights' contents (see the file comment).
+  std::uint64_t version() const noexcept { return version_.value(); }
+  /// Declares that w1/w2 were written through a pointer or map obtained earlier.
+  void mark_modified() noexcept { version_.touch(); }
+  /// The stamp itself, for optimizers (train/parameters.hpp).
+  version_tag& version_stamp() noexcept { return version_; }
+
   /// Zeroes every parameter (gradient buffers start here).
   void set_zero() noexcept {
+    version_.touch();
     for (auto* v : {&w1_, &b1_, &w2_, &b2e_, &b2_}) std::fill(v->begin(), v->end(), T(0));
   }
 
   /// PyTorch-style init: uniform(+-1/sqrt(fan_in)) for weights and biases, seeded.
   void randomize(std::uint64_t seed) {
+    version_.touch();
     detail::rng g(seed);
     const double a1 = 1.0 / std::sqrt(double(shape_.d_model)), a2 = 1.0 / std::sqrt(double(shape_.width));
     for (auto& v : w1_) v = static_cast<T>(g.uniform(-a1, a1));
@@ -136,6 +151,7 @@ class expert_weights {
  private:
   expert_shape shape_;
   std::vector<T> w1_, b1_, w2_, b2e_, b2_;
+  version_tag version_;
 };
 
 }  // namespace dmoe

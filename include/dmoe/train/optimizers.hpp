@@ -26,6 +26,12 @@ status check_grads(const char* who, const param_list<T>& params, const param_lis
                              who, i, grads[i].name, grads[i].size, params[i].size);
   return {};
 }
+/// After a step wrote the parameters: new stamps, so packed copies of them are rebuilt.
+template <class T>
+void touch_versions(const param_list<T>& params) noexcept {
+  for (const auto& p : params)
+    if (p.version) p.version->touch();
+}
 }  // namespace detail
 
 /// SGD: v = momentum v + (g + weight_decay p); p -= lr v.
@@ -55,6 +61,7 @@ class sgd {
         p[j] -= lr * v[j];
       }
     }
+    detail::touch_versions(params_);
     return {};
   }
 
@@ -102,6 +109,7 @@ class adamw {
         p[j] -= lr * ((m[j] * c1) / (std::sqrt(v[j] * c2) + eps) + wd * p[j]);
       }
     }
+    detail::touch_versions(params_);
     return {};
   }
 

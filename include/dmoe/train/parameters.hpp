@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../core/config.hpp"
+#include "../core/version_tag.hpp"
 #include "../experts/expert_weights.hpp"
 #include "../routing/routers.hpp"
 
@@ -23,6 +24,7 @@ struct param_span {
   const char* name = "";
   T* data = nullptr;
   index_t size = 0;
+  version_tag* version = nullptr;  ///< stamp the optimizer touches after writing (packed copies)
 };
 
 template <class T>
@@ -30,8 +32,8 @@ using param_list = std::vector<param_span<T>>;
 
 namespace detail {
 template <class T>
-void add_param(param_list<T>& out, const char* name, T* data, index_t size) {
-  if (size > 0) out.push_back({name, data, size});
+void add_param(param_list<T>& out, const char* name, T* data, index_t size, version_tag* version = nullptr) {
+  if (size > 0) out.push_back({name, data, size, version});
 }
 template <class T>
 void add_router_params(param_list<T>& out, top_k_router<T>& r) {
@@ -55,7 +57,10 @@ template <class T, class Router>
 param_list<T> parameters_of(expert_weights<T>& experts, Router& router, param_group group) {
   param_list<T> out;
   if (static_cast<unsigned>(group) & static_cast<unsigned>(param_group::experts)) {
-    auto add = [&](const char* name, std::vector<T>& v) { detail::add_param(out, name, v.data(), index_t(v.size())); };
+    version_tag* stamp = &experts.version_stamp();
+    auto add = [&](const char* name, std::vector<T>& v) {
+      detail::add_param(out, name, v.data(), index_t(v.size()), stamp);
+    };
     add("experts.w1", experts.w1_storage());
     add("experts.b1", experts.b1_storage());
     add("experts.w2", experts.w2_storage());

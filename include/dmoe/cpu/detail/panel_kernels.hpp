@@ -1,0 +1,255 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// The CPU product of the expert hot path: C = init + A B, computed by register-blocked
+/// outer-product tiles (broadcast one A value, multiply-add it into a row of B vectors).
+///
+/// - B is read in place, as column panels of `nr` columns: either panels packed once from the
+///   weights (panel p is a contiguous K x nr block, zero padded: packed_experts.hpp) or the rows of
+///   a row-major matrix (panel p starts at column p nr; the last one is read with masked loads).
+///   Weights are constant between optimizer steps, so packing them once removes the per-call
+///   packing that made a general GEMM slow at the few rows per expert that sparse routing gives.
+/// - A's rows (tokens, read through an index: expert inputs are never gathered) are read in place,
+///   MR row pointers per tile, one value broadcast at a time.
+/// - Each element of C is one chain of fused multiply-adds over k = 0..K-1, in order, starting at
+///   init: independent of the row count, the tile shape and the instruction set. A token's output
+///   is therefore bitwise the same whatever batch it is in, on any thread count and any of the
+///   kernels below (tested against a plain std::fma loop for exact equality).
+///
+/// Kernels are compiled for AVX-512 and AVX2+FMA inside target regions (no -march flag needed)
+/// and picked at run time (isa.hpp); the portable one is plain C++.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../../core/config.hpp"
+#include "isa.hpp"
+
+#if DMOE_HAVE_X86_KERNELS
+#include <immintrin.h>
+#endif
+
+namespace dmoe::cpu_detail {
+
+/// Operand A of a product: rows of K contiguous values, row i at data + row(i) * ld.
+template <class T>
+struct row_source {
+  const T* data = nullptr;
+  index_t ld = 0;
+  const index_t* index = nullptr;  ///< optional: row i is data + index[i] * ld
+  const T* row(index_t i) const noexcept { return data + (index ? index[i] : i) * ld; }
+};
+
+/// Operand B (K x N) as column panels: element (k, j) of panel p = j / nr is at
+/// data[p * panel_stride + k * ld + j % nr].
+template <class T>
+struct panel_b {
+  const T* data = nullptr;
+  index_t ld = 0;            ///< distance between rows k and k + 1 inside a panel
+  index_t panel_stride = 0;  ///< distance between panels
+  bool padded = false;       ///< every panel holds nr readable columns (zero padded past N)
+
+  /// A row-major K x N matrix with row stride ldb, used in place (the last panel masked).
+  static panel_b row_major(const T* b, index_t ldb, index_t nr) noexcept { return {b, ldb, nr, false}; }
+  /// Packed panels of K rows of nr values each (pack_panels).
+  static panel_b packed(const T* b, index_t K, index_t nr) noexcept { return {b, nr, K * nr, true}; }
+};
+
+/// Register tile of one instruction set and scalar type: MR rows x NV vectors.
+struct tile_shape {
+  int mr, nv, lanes;
+  constexpr index_t nr() const noexcept { return index_t(nv) * lanes; }
+};
+
+/// Tile shapes, chosen by measurement (docs/benchmarks.md, "Tile shapes"): enough independent
+/// accumulators to cover FMA latency on two FMA ports, and few enough loads per FMA.
+template <class T>
+constexpr tile_shape tile_for(cpu_isa isa) noexcept {
+  constexpr int w = sizeof(T) == 4 ? 1 : 0;  // float lanes are twice the double lanes
+  switch (isa) {
+    case cpu_isa::avx512: return {14, 2, 8 << w};
+    case cpu_isa::avx2: return {6, 2, 4 << w};
+    case cpu_isa::portable: break;
+  }
+  return {4, 4, 1};
+}
+
+/// Bytes of B panels one pass over a row block reads: a share of a 1-2 MiB L2 that leaves room
+/// for the rows and the output.
+inline constexpr index_t panel_chunk_bytes = 512 * 1024;
+
+/// Widest panel any instruction set uses for T: storage sized for it fits every kernel.
+template <class T>
+constexpr index_t max_panel_width() noexcept {
+  return tile_for<T>(cpu_isa::avx512).nr();
+}
+
+/// Packs a K x N operand into panels of nr columns, zero padded: dst[p][k][jj] = src(k, p nr + jj),
+/// where src(k, j) = src[k * sk + j * sn]. dst holds ceil(N / nr) * nr * K values. Cold path.
+template <class T>
+void pack_panels(index_t K, index_t N, const T* src, index_t sk, index_t sn, index_t nr, T* dst) noexcept {
+  for (index_t j0 = 0; j0 < N; j0 += nr) {
+    const index_t cols = (std::min)(nr, N - j0);
+    T* panel = dst + (j0 / nr) * K * nr;
+    for (index_t jj = 0; jj < cols; ++jj) {  // column by column: src columns are contiguous in k
+      const T* s = src + (j0 + jj) * sn;
+      for (index_t k = 0; k < K; ++k) panel[k * nr + jj] = s[k * sk];
+    }
+    for (index_t k = 0; k < K; ++k)
+      for (index_t jj = cols; jj < nr; ++jj) panel[k * nr + jj] = T(0);
+  }
+}
+
+/// Values pack_panels writes for a K x N operand.
+constexpr index_t packed_panel_elems(index_t K, index_t N, index_t nr) noexcept { return (N + nr - 1) / nr * nr * K; }
+
+namespace portable_isa {
+template <class S>
+struct vec {
+  using scalar = S;
+  using reg = S;
+  static constexpr int lanes = 1;
+  static reg zero() noexcept { return S(0); }
+  static reg load(const S* p) noexcept { return *p; }
+  static reg load_n(const S* p, int n) noexcept { return n > 0 ? *p : S(0); }
+  static void store(S* p, reg r) noexcept { *p = r; }
+  static void store_n(S* p, reg r, int n) noexcept {
+    if (n > 0) *p = r;
+  }
+  static reg set1(S s) noexcept { return s; }
+  static reg fma(reg a, reg b, reg c) noexcept { return std::fma(a, b, c); }
+};
+#include "panel_kernel.inc"
+}  // namespace portable_isa
+
+#if DMOE_HAVE_X86_KERNELS
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace avx2_isa {
+alignas(32) inline constexpr std::int32_t mask32[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+alignas(32) inline constexpr std::int64_t mask64[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+template <class S>
+struct vec;
+template <>
+struct vec<float> {
+  using scalar = float;
+  using reg = __m256;
+  static constexpr int lanes = 8;
+  static __m256i mask(int n) noexcept {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask32 + 8 - (n < 0 ? 0 : n > 8 ? 8 : n)));
+  }
+  static reg zero() noexcept { return _mm256_setzero_ps(); }
+  static reg load(const float* p) noexcept { return _mm256_loadu_ps(p); }
+  static reg load_n(const float* p, int n) noexcept { return _mm256_maskload_ps(p, mask(n)); }
+  static void store(float* p, reg r) noexcept { _mm256_storeu_ps(p, r); }
+  static void store_n(float* p, reg r, int n) noexcept { _mm256_maskstore_ps(p, mask(n), r); }
+  static reg set1(float s) noexcept { return _mm256_set1_ps(s); }
+  static reg fma(reg a, reg b, reg c) noexcept { return _mm256_fmadd_ps(a, b, c); }
+};
+template <>
+struct vec<double> {
+  using scalar = double;
+  using reg = __m256d;
+  static constexpr int lanes = 4;
+  static __m256i mask(int n) noexcept {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask64 + 4 - (n < 0 ? 0 : n > 4 ? 4 : n)));
+  }
+  static reg zero() noexcept { return _mm256_setzero_pd(); }
+  static reg load(const double* p) noexcept { return _mm256_loadu_pd(p); }
+  static reg load_n(const double* p, int n) noexcept { return _mm256_maskload_pd(p, mask(n)); }
+  static void store(double* p, reg r) noexcept { _mm256_storeu_pd(p, r); }
+  static void store_n(double* p, reg r, int n) noexcept { _mm256_maskstore_pd(p, mask(n), r); }
+  static reg set1(double s) noexcept { return _mm256_set1_pd(s); }
+  static reg fma(reg a, reg b, reg c) noexcept { return _mm256_fmadd_pd(a, b, c); }
+};
+#include "panel_kernel.inc"
+}  // namespace avx2_isa
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
+#endif
+namespace avx512_isa {
+template <class S>
+struct vec;
+template <>
+struct vec<float> {
+  using scalar = float;
+  using reg = __m512;
+  static constexpr int lanes = 16;
+  static __mmask16 mask(int n) noexcept {
+    return static_cast<__mmask16>(n <= 0 ? 0u : n >= 16 ? 0xFFFFu : (1u << n) - 1u);
+  }
+  static reg zero() noexcept { return _mm512_setzero_ps(); }
+  static reg load(const float* p) noexcept { return _mm512_loadu_ps(p); }
+  static reg load_n(const float* p, int n) noexcept { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void store(float* p, reg r) noexcept { _mm512_storeu_ps(p, r); }
+  static void store_n(float* p, reg r, int n) noexcept { _mm512_mask_storeu_ps(p, mask(n), r); }
+  static reg set1(float s) noexcept { return _mm512_set1_ps(s); }
+  static reg fma(reg a, reg b, reg c) noexcept { return _mm512_fmadd_ps(a, b, c); }
+};
+template <>
+struct vec<double> {
+  using scalar = double;
+  using reg = __m512d;
+  static constexpr int lanes = 8;
+  static __mmask8 mask(int n) noexcept {
+    return static_cast<__mmask8>(n <= 0 ? 0u : n >= 8 ? 0xFFu : (1u << n) - 1u);
+  }
+  static reg zero() noexcept { return _mm512_setzero_pd(); }
+  static reg load(const double* p) noexcept { return _mm512_loadu_pd(p); }
+  static reg load_n(const double* p, int n) noexcept { return _mm512_maskz_loadu_pd(mask(n), p); }
+  static void store(double* p, reg r) noexcept { _mm512_storeu_pd(p, r); }
+  static void store_n(double* p, reg r, int n) noexcept { _mm512_mask_storeu_pd(p, mask(n), r); }
+  static reg set1(double s) noexcept { return _mm512_set1_pd(s); }
+  static reg fma(reg a, reg b, reg c) noexcept { return _mm512_fmadd_pd(a, b, c); }
+};
+#include "panel_kernel.inc"
+}  // namespace avx512_isa
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // DMOE_HAVE_X86_KERNELS
+
+/// C (m x N, row stride ldc) = init + A B with the kernel of `isa`; B's panels must be
+/// tile_for<T>(isa).nr() wide. init: N values, or null for 0.
+template <class T>
+inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_source<T> a, const panel_b<T>& b,
+                          const T* init, T* c, index_t ldc) noexcept {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "panel_product: float or double");
+  if (m <= 0 || N <= 0) return;
+  constexpr tile_shape t512 = tile_for<T>(cpu_isa::avx512), t2 = tile_for<T>(cpu_isa::avx2),
+                       tp = tile_for<T>(cpu_isa::portable);
+  switch (isa) {
+#if DMOE_HAVE_X86_KERNELS
+    case cpu_isa::avx512:
+      avx512_isa::panel_product<avx512_isa::vec<T>, t512.mr, t512.nv>(m, N, K, a, b, init, c, ldc);
+      return;
+    case cpu_isa::avx2:
+      avx2_isa::panel_product<avx2_isa::vec<T>, t2.mr, t2.nv>(m, N, K, a, b, init, c, ldc);
+      return;
+#endif
+    default:
+      portable_isa::panel_product<portable_isa::vec<T>, tp.mr, tp.nv>(m, N, K, a, b, init, c, ldc);
+      return;
+  }
+}
+
+}  // namespace dmoe::cpu_detail
