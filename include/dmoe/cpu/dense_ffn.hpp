@@ -127,10 +127,10 @@ class dense_ffn {
     const index_t d = d_model(), F = hidden(), fF = width_factor<Activation> * F;
     scratch s;
     s.hidden.stride = cpu_detail::round16(cpu_detail::rows_per_task * (fF + F));
-    s.hidden.base = c.take<T>(threads * s.hidden.stride);
+    s.hidden.base = c.take<T>(c.mul(threads, s.hidden.stride));
     s.pack.stride = cpu_detail::round16((std::max)(cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, fF, d).pack_elems(),
                                                  cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, d, F).pack_elems()));
-    s.pack.base = c.take<T>(threads * s.pack.stride);
+    s.pack.base = c.take<T>(c.mul(threads, s.pack.stride));
     return s;
   }
 

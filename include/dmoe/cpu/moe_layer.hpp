@@ -63,6 +63,7 @@ void activate_rows(const T* pre, T* post, index_t rows, index_t n, index_t ld) n
 /// size (null base) and the pointers (real base), so they cannot disagree.
 template <class T>
 struct layer_buffers {
+  detail::workspace_stamp* stamp = nullptr;  ///< what forward left here (backward checks it)
   routing_plan<T> plan;
   router_buffers<T> router;
   index_t* expert_offsets = nullptr;  ///< (E + 1) start of each expert's rows in sorted order
@@ -92,15 +93,18 @@ inline index_t round16(index_t v) noexcept { return (v + 15) / 16 * 16; }
 template <class T>
 layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t tokens, index_t threads) noexcept {
   layer_buffers<T> b;
-  const index_t nnz_max = tokens * dm.max_k;
-  const index_t max_tasks = dm.E + (nnz_max + rows_per_task - 1) / rows_per_task;
+  // Every product in checked arithmetic (carver::mul): absurd token counts mark the layout
+  // overflowed instead of wrapping to a small size that check_io would accept.
+  const index_t nnz_max = c.mul(tokens, dm.max_k);
+  const index_t max_tasks = c.add(dm.E, (nnz_max + rows_per_task - 1) / rows_per_task);
+  b.stamp = c.take<detail::workspace_stamp>(1);
   b.plan.tokens = tokens;
   b.plan.num_experts = dm.E;
-  b.plan.token_offsets = c.take<index_t>(tokens + 1);
+  b.plan.token_offsets = c.take<index_t>(c.add(tokens, 1));
   b.plan.expert = c.take<std::int32_t>(nnz_max);
   b.plan.weight = c.take<T>(nnz_max);
-  b.router.scores = c.take<T>(tokens * dm.E);
-  b.router.hidden = c.take<T>(tokens * dm.router_hidden);
+  b.router.scores = c.take<T>(c.mul(tokens, dm.E));
+  b.router.hidden = c.take<T>(c.mul(tokens, dm.router_hidden));
   b.router.token_aux = c.take<T>(tokens);
   b.router.expert_aux = c.take<T>(dm.E);
   b.expert_offsets = c.take<index_t>(dm.E + 1);
@@ -110,17 +114,17 @@ layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t to
   b.task_expert = c.take<index_t>(max_tasks);
   b.task_begin = c.take<index_t>(max_tasks);
   b.hidden_ld = dm.f * dm.n + dm.n;
-  b.hidden = c.take<T>(nnz_max * b.hidden_ld);
-  b.out = c.take<T>(nnz_max * dm.d);
+  b.hidden = c.take<T>(c.mul(nnz_max, b.hidden_ld));
+  b.out = c.take<T>(c.mul(nnz_max, dm.d));
   b.gather.stride = round16(rows_per_task * dm.d);
-  b.gather.base = c.take<T>(threads * b.gather.stride);
+  b.gather.base = c.take<T>(c.mul(threads, b.gather.stride));
   b.pack.stride = round16(dm.pack_elems);
-  b.pack.base = c.take<T>(threads * b.pack.stride);
+  b.pack.base = c.take<T>(c.mul(threads, b.pack.stride));
   b.dweight = c.take<T>(nnz_max);
-  b.dx_slot = c.take<T>(nnz_max * dm.d);
+  b.dx_slot = c.take<T>(c.mul(nnz_max, dm.d));
   b.bwd.stride = round16(rows_per_task * (dm.d + dm.n + dm.f * dm.n));
-  b.bwd.base = c.take<T>(threads * b.bwd.stride);
-  b.rgrad.dscores = c.take<T>(tokens * dm.E);
+  b.bwd.base = c.take<T>(c.mul(threads, b.bwd.stride));
+  b.rgrad.dscores = c.take<T>(c.mul(tokens, dm.E));
   b.rgrad.expert_tmp = c.take<T>(4 * dm.E);
   b.rgrad.rows_tmp = c.take<T>(rows_per_task * 2 * dm.E);
   b.rgrad.pack = b.pack.base;  // the router backward runs on the calling thread (worker 0)
@@ -175,14 +179,16 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
   }
 
   /// Bytes of workspace forward needs for these bounds. Depends on the router's max_k: call again
-  /// after changing the top-k k or the dynamic-k k_max.
-  std::size_t workspace_size(const workspace_bounds& b) const noexcept {
-    detail::carver c;
-    cpu_detail::carve_layer<T>(c, dims(), b.max_tokens, b.max_threads < 1 ? 1 : b.max_threads);
-    return c.bytes();
+  /// after changing the top-k k or the dynamic-k k_max. Throws dmoe::error(invalid_argument)
+  /// naming the bounds when the size does not fit in size_t.
+  std::size_t workspace_size(const workspace_bounds& b) const {
+    std::size_t bytes = 0;
+    throw_if_error(required_bytes("moe_layer::workspace_size", b.max_tokens, b.max_threads < 1 ? 1 : b.max_threads,
+                                  bytes));
+    return bytes;
   }
   /// Workspace size for `max_tokens` with the concurrency of ctx's executor.
-  std::size_t workspace_size(const context<cpu>& ctx, index_t max_tokens) const noexcept {
+  std::size_t workspace_size(const context<cpu>& ctx, index_t max_tokens) const {
     return workspace_size(workspace_bounds{max_tokens, ctx.concurrency()});
   }
 
@@ -200,10 +206,12 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
       return {};
     }
     auto b = buffers(ws, tokens, ctx.concurrency());
+    *b.stamp = stamp(tokens, detail::workspace_stamp::running);  // a failed forward stays "running"
     DMOE_TRY(cpu_detail::route(ctx, router_, x, b.plan, b.router, b.pack));
     const index_t n_tasks = dispatch(b);
     run_experts(ctx, x, b, n_tasks);
     combine(ctx, y, b);
+    b.stamp->state = detail::workspace_stamp::complete;
     if (stats) stats->record(b.plan, flops_per_slot(), router_.flops_per_token());
     return {};
   }
@@ -326,6 +334,55 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     return dm;
   }
 
+  /// Workspace bytes for `tokens` tokens and `threads` workers, or an error naming `who` and the
+  /// numbers when the size does not fit in size_t.
+  status required_bytes(const char* who, index_t tokens, index_t threads, std::size_t& bytes) const noexcept {
+    detail::carver c;
+    cpu_detail::carve_layer<T>(c, dims(), tokens, threads);
+    bytes = c.bytes();
+    if (c.overflowed() || tokens < 0)
+      return status::failure(errc::invalid_argument,
+                             "%s: the workspace for %td tokens (max_k %td, %td experts, d_model %td, width %td, %td "
+                             "threads) does not fit in size_t; split the batch",
+                             who, tokens, router_.max_k(), num_experts(), cfg_.d_model, expert_width(), threads);
+    return {};
+  }
+
+  detail::workspace_stamp stamp(index_t tokens, std::uint64_t state) const noexcept {
+    const auto dm = dims();
+    return detail::workspace_stamp{detail::workspace_stamp::magic_value, id_.value(),
+                                   detail::layout_hash({dm.d, dm.E, dm.n, dm.f, dm.max_k, dm.router_hidden,
+                                                        index_t(sizeof(T))}),
+                                   static_cast<std::uint64_t>(tokens), state};
+  }
+
+  /// Refuses a workspace that does not hold a completed forward of this layer on `tokens` tokens.
+  status check_stamp(const detail::workspace_stamp& s, index_t tokens) const noexcept {
+    const detail::workspace_stamp want = stamp(tokens, detail::workspace_stamp::complete);
+    if (s.magic != want.magic)
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::backward: the workspace holds no forward (call forward with this workspace "
+                             "first)");
+    if (s.layer != want.layer)
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::backward: the workspace holds a forward of another layer object (pass the "
+                             "workspace this layer's forward filled)");
+    if (s.layout != want.layout)
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::backward: the workspace holds a forward under other router options (max_k "
+                             "is now %td; run forward again after set_options)",
+                             router_.max_k());
+    if (s.tokens != want.tokens)
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::backward: the workspace holds a forward of %llu tokens, backward got %td",
+                             static_cast<unsigned long long>(s.tokens), tokens);
+    if (s.state != want.state)
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::backward: the forward that filled the workspace failed (it returned an "
+                             "error); its state is unusable");
+    return {};
+  }
+
   cpu_detail::layer_buffers<T> buffers(workspace ws, index_t tokens, index_t threads) const noexcept {
     detail::carver c(detail::carver::align(ws.data));
     return cpu_detail::carve_layer<T>(c, dims(), tokens, threads);
@@ -357,7 +414,8 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
                              "(construct routing_stats(layer.num_experts()))",
                              stats->num_experts(), num_experts());
     if (x.rows == 0) return {};
-    const std::size_t need = workspace_size(workspace_bounds{x.rows, threads});
+    std::size_t need = 0;
+    DMOE_TRY(required_bytes("moe_layer::forward", x.rows, threads, need));
     if (ws.data == nullptr || ws.bytes < need)
       return status::failure(errc::workspace_too_small,
                              "moe_layer::forward: workspace has %zu bytes at %p, %td tokens with %td threads need "
@@ -463,12 +521,13 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
         return status::failure(errc::invalid_argument, "moe_layer::backward: grads router hidden %td, layer %td",
                                g.router.hidden(), router_.hidden());
     if (x.rows == 0) return {};
-    const std::size_t need = workspace_size(workspace_bounds{x.rows, threads});
+    std::size_t need = 0;
+    DMOE_TRY(required_bytes("moe_layer::backward", x.rows, threads, need));
     if (ws.data == nullptr || ws.bytes < need)
       return status::failure(errc::workspace_too_small,
                              "moe_layer::backward: workspace has %zu bytes, %td tokens with %td threads need %zu",
                              ws.bytes, x.rows, threads, need);
-    return {};
+    return check_stamp(*buffers(ws, x.rows, threads).stamp, x.rows);
   }
 
   /// dL/dw_s = <dy_t, y_e(x_t)> for every slot (the combine weights' gradient).
@@ -579,6 +638,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
   }
 
   moe_config cfg_;
+  detail::instance_id id_;
   experts_extent experts_extent_{cfg_.num_experts};
   width_extent width_extent_{cfg_.expert_width};
   expert_weights<T> experts_;

@@ -12,6 +12,7 @@
 
 #include <Eigen/Core>
 
+#include "../core/checked.hpp"
 #include "../core/status.hpp"
 #include "../detail/random.hpp"
 
@@ -28,6 +29,15 @@ inline void check_router_dims(const char* who, index_t d_model, index_t num_expe
   if (d_model <= 0) raisef(errc::invalid_argument, "%s: d_model must be positive, got %td", who, d_model);
   if (num_experts <= 0 || num_experts > INT32_MAX)
     raisef(errc::invalid_argument, "%s: num_experts must be in [1, 2^31), got %td", who, num_experts);
+}
+/// A zero (rows x cols) parameter of a router, checked: the element count in checked arithmetic,
+/// an allocation failure as dmoe::error(out_of_memory) naming `who` and the bytes.
+template <class M>
+M zero_parameter(const char* who, index_t rows, index_t cols) {
+  const index_t count = checked_product_or_throw(who, rows, cols);
+  M m;
+  allocate_or_throw(who, count, sizeof(typename M::Scalar), [&] { m = M::Zero(rows, cols); });
+  return m;
 }
 template <class M>
 void fill_uniform(M& m, rng& g, double bound) {
@@ -51,9 +61,10 @@ class top_k_router {
   static constexpr const char* name = "top_k";
 
   top_k_router(index_t d_model, index_t num_experts, top_k_options opt = {})
-      : weight_(col_matrix<T>::Zero(d_model > 0 ? d_model : 0, num_experts > 0 ? num_experts : 0)),
-        bias_(column_vector<T>::Zero(num_experts > 0 ? num_experts : 0)) {
-    detail::check_router_dims("top_k_router", d_model, num_experts);
+      : weight_((detail::check_router_dims("top_k_router", d_model, num_experts),
+                 detail::zero_parameter<col_matrix<T>>("top_k_router: weight (d_model x num_experts)", d_model,
+                                                       num_experts))),
+        bias_(detail::zero_parameter<column_vector<T>>("top_k_router: bias", num_experts, 1)) {
     set_options(opt);
   }
 
@@ -117,8 +128,9 @@ class dynamic_k_router {
     detail::check_router_dims("dynamic_k_router", d_model, num_experts);
     if (hidden <= 0)
       detail::raisef(errc::invalid_argument, "dynamic_k_router: hidden width must be positive, got %td", hidden);
-    w_in_ = col_matrix<T>::Zero(d_model, hidden);
-    w_out_ = col_matrix<T>::Zero(hidden, num_experts);
+    w_in_ = detail::zero_parameter<col_matrix<T>>("dynamic_k_router: w_in (d_model x hidden)", d_model, hidden);
+    w_out_ = detail::zero_parameter<col_matrix<T>>("dynamic_k_router: w_out (hidden x num_experts)", hidden,
+                                                   num_experts);
     set_options(opt);
   }
 
@@ -182,12 +194,12 @@ class top_any_router {
   static constexpr T norm_eps = T(1e-12);
 
   top_any_router(index_t d_model, index_t num_experts, top_any_options opt = {})
-      : weight_(col_matrix<T>::Zero(d_model > 0 ? d_model : 0, num_experts > 0 ? num_experts : 0)),
-        threshold_(column_vector<T>::Zero(num_experts > 0 ? num_experts : 0)),
-        active_(static_cast<std::size_t>(num_experts > 0 ? num_experts : 0), std::uint8_t{1}),
-        opt_(opt) {
-    detail::check_router_dims("top_any_router", d_model, num_experts);
-  }
+      : weight_((detail::check_router_dims("top_any_router", d_model, num_experts),
+                 detail::zero_parameter<col_matrix<T>>("top_any_router: weight (d_model x num_experts)", d_model,
+                                                       num_experts))),
+        threshold_(detail::zero_parameter<column_vector<T>>("top_any_router: threshold", num_experts, 1)),
+        active_(static_cast<std::size_t>(num_experts), std::uint8_t{1}),
+        opt_(opt) {}
 
   void set_options(const top_any_options& opt) noexcept { opt_ = opt; }
   const top_any_options& options() const noexcept { return opt_; }
