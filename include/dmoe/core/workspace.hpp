@@ -140,6 +140,7 @@ struct workspace_stamp {
   std::uint64_t layer = 0;   ///< instance_id of the layer that wrote it
   std::uint64_t layout = 0;  ///< hash of the buffer layout (shape, max_k, slot bound)
   std::uint64_t tokens = 0;
+  std::uint64_t slots = 0;   ///< slot capacity the forward carved (the layout of the slot buffers)
   std::uint64_t state = 0;   ///< running while the forward runs, complete once it succeeded
 };
 

@@ -17,9 +17,11 @@
 #include "../core/workspace.hpp"
 #include "../detail/random.hpp"
 #include "../experts/activation.hpp"
+#include "../routing/routers.hpp"
+#include "experts.hpp"
 #include "gemm.hpp"
 #include "kernels.hpp"
-#include "moe_layer.hpp"
+#include "tasks.hpp"
 
 namespace dmoe {
 

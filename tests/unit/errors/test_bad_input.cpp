@@ -81,6 +81,8 @@ TEST_SUITE("errors") {
     const dmoe::index_t big = dmoe::index_t{1} << 30;
     // E * d * n overflows a signed 64-bit count.
     check_throws([&] { L layer(config(big, big, big), {}); }, errc::invalid_argument,
+                 {"moe_layer", "config", "num_experts x d_model x expert_width", "1073741824"});
+    check_throws([&] { dmoe::expert_weights<float> w(dmoe::expert_shape{big, big, big}); }, errc::invalid_argument,
                  {"expert_weights", "w1", "1073741824"});
     // Each factor fine, the router's d x E product alone too large for memory.
     check_throws([&] { dmoe::top_k_router<float> r(dmoe::index_t{1} << 62, 4); }, errc::invalid_argument,
@@ -170,5 +172,71 @@ TEST_SUITE("errors") {
     check_status(layer.backward({}, x, dy, dx, grads, ws), errc::invalid_argument, {"backward", "router options", "3"});
     REQUIRE(layer.forward({}, x, y, ws).ok());
     CHECK(layer.backward({}, x, dy, dx, grads, ws).ok());
+  }
+}
+
+TEST_SUITE("errors") {
+  TEST_CASE_TEMPLATE("a slot bound below the batch's slots is refused, never a silent drop; stats report the slots", P,
+                     dmoe::dynamic_k, dmoe::top_any) {
+    const int d = 6, E = 5, T = 40;
+    layer_t<double, P, dmoe::relu> layer(config(d, E, 4), opts<P>());
+    layer.randomize(11);
+    test_rng g(5);
+    const auto x = random_tokens<double>(g, T, d);
+    row_matrix<double> y_full(T, d), y(T, d);
+    const dmoe::context<dmoe::cpu> ctx{};
+    // Reference: the worst-case workspace (T * E slots).
+    dmoe::workspace_buffer full(layer.workspace_size(dmoe::workspace_bounds{T, 1}));
+    dmoe::routing_stats st(E);
+    REQUIRE(layer.forward(ctx, x, y_full, full, &st).ok());
+    const dmoe::index_t used = st.slots;
+    CHECK(st.max_slots_seen == used);
+    REQUIRE(used > T / 2);
+    REQUIRE(used < T * E);
+
+    // A workspace sized for exactly the slots used gives bitwise the same output and backward.
+    const std::size_t exact = layer.workspace_size(dmoe::workspace_bounds{T, 1, used});
+    CHECK(exact < layer.workspace_size(dmoe::workspace_bounds{T, 1}));
+    dmoe::workspace_buffer tight(exact);
+    REQUIRE(layer.forward(ctx, x, y, tight).ok());
+    CHECK(y == y_full);
+    CHECK(layer.plan(tight, T).nnz() == used);
+    const auto dy = random_tokens<double>(g, T, d);
+    row_matrix<double> dx_full(T, d), dx(T, d);
+    auto g_full = layer.make_gradients();
+    auto g_tight = layer.make_gradients();
+    REQUIRE(layer.backward(ctx, x, dy, dx_full, g_full, full).ok());
+    REQUIRE(layer.backward(ctx, x, dy, dx, g_tight, tight).ok());
+    CHECK(dx == dx_full);
+    CHECK(g_tight.experts.w1_storage() == g_full.experts.w1_storage());
+
+    // A bound well below the slots used (the workspace holds at least the bound; alignment
+    // padding may add a few slots, never tens): a clear error naming the slots and the bound.
+    dmoe::workspace_buffer small(layer.workspace_size(dmoe::workspace_bounds{T, 1, used / 2}));
+    const dmoe::status s = layer.forward(ctx, x, y, small);
+    check_status(s, errc::workspace_too_small, {"routes", (std::to_string(used) + " slots").c_str(), "max_slots"});
+    // ... and backward refuses that failed forward's state.
+    check_status(layer.backward(ctx, x, dy, dx, g_tight, small), errc::invalid_argument, {"failed"});
+
+    // max_slots_seen keeps the largest call: a smaller batch afterwards does not lower it.
+    REQUIRE(layer.forward(ctx, dmoe::matrix_view<const double>(x.data(), 3, d), dmoe::matrix_view<double>(y.data(), 3, d), full, &st).ok());
+    CHECK(st.slots < used);
+    CHECK(st.max_slots_seen == used);
+  }
+
+  TEST_CASE("top_k: the slot bound is tokens * k; a smaller workspace is refused up front") {
+    const int d = 4, E = 4, T = 10;
+    layer_t<float, dmoe::top_k, dmoe::relu> layer(config(d, E, 3), dmoe::top_k_options{2, true});
+    layer.randomize(1);
+    // A user bound is ignored for top-k (every token has exactly k slots).
+    CHECK(layer.workspace_size(dmoe::workspace_bounds{T, 1, 3}) == layer.workspace_size(dmoe::workspace_bounds{T, 1}));
+    test_rng g(6);
+    const auto x = random_tokens<float>(g, T, d);
+    row_matrix<float> y(T, d);
+    const std::size_t need = layer.workspace_size(dmoe::workspace_bounds{T, 1});
+    dmoe::workspace_buffer ws(need);
+    check_status(layer.forward({}, x, y, dmoe::workspace{ws.view().data, need - 1}), errc::workspace_too_small,
+                 {"workspace", "workspace_size"});
+    CHECK(layer.forward({}, x, y, ws).ok());
   }
 }
