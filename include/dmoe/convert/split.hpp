@@ -8,7 +8,7 @@
 ///
 /// Balanced k-means: k-means++ initialisation (seeded), then alternate an exact balanced
 /// assignment (each cluster gets exactly n = F / E neurons, minimising the total squared distance
-/// to the centroids; convert/detail_balanced_assignment.hpp) and the centroid update (mean),
+/// to the centroids; convert/detail/balanced_assignment.hpp) and the centroid update (mean),
 /// until the assignment stops changing or max_iterations; several restarts, the lowest inertia
 /// wins. Because every cluster holds exactly n unit vectors, sum ||x - mu||^2 differs from
 /// -2 sum <x, mu> by a constant, so the assignment maximises the total dot product.
@@ -26,7 +26,7 @@
 #include "../cpu/dense_ffn.hpp"
 #include "../detail/random.hpp"
 #include "../routing/routers.hpp"
-#include "detail_balanced_assignment.hpp"
+#include "detail/balanced_assignment.hpp"
 
 namespace dmoe {
 

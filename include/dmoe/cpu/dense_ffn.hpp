@@ -7,7 +7,9 @@
 /// source model of the dense-to-MoE conversion (convert/).
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 
 #include <Eigen/Core>
 
@@ -17,14 +19,22 @@
 #include "../core/workspace.hpp"
 #include "../detail/random.hpp"
 #include "../experts/activation.hpp"
+#include "../routing/routers.hpp"
+#include "experts.hpp"
+#include "../core/version_tag.hpp"
+#include "detail/packed_experts.hpp"
+#include "detail/panel_kernels.hpp"
 #include "gemm.hpp"
 #include "kernels.hpp"
-#include "moe_layer.hpp"
+#include "tasks.hpp"
 
 namespace dmoe {
 
 /// Dense feed-forward block. Layout as one big expert: W1 (d_model x f*F) column-major
 /// (neuron-major; gated: [gate F | up F]), b1 (f*F), W2 (F x d_model) column-major, b2 (d_model).
+/// forward runs the MoE layer's panel kernels over a packed copy of W1 and W2, rebuilt on the
+/// next forward after any non-const access to the weights (call mark_modified() after writing
+/// through a reference kept from before a forward).
 template <class T, class Activation>
 class dense_ffn {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "dmoe::dense_ffn: T must be float or double");
@@ -42,6 +52,45 @@ class dense_ffn {
     b1_ = column_vector<T>::Zero(width_factor<Activation> * hidden);
     w2_ = col_matrix<T>::Zero(hidden, d_model);
     b2_ = column_vector<T>::Zero(d_model);
+    const index_t nr = cpu_detail::max_panel_width<T>(), fF = width_factor<Activation> * hidden;
+    w1p_ = cpu_detail::aligned_array<T>(
+        "dense_ffn packed w1", detail::checked_product_or_throw("dense_ffn packed w1", d_model,
+                                                                cpu_detail::packed_panel_elems(1, fF, nr)));
+    w2p_ = cpu_detail::aligned_array<T>(
+        "dense_ffn packed w2", detail::checked_product_or_throw("dense_ffn packed w2", hidden,
+                                                                cpu_detail::packed_panel_elems(1, d_model, nr)));
+  }
+  dense_ffn(const dense_ffn& o)
+      : w1_(o.w1_), b1_(o.b1_), w2_(o.w2_), b2_(o.b2_), version_(o.version_), w1p_(o.w1p_), w2p_(o.w2p_) {
+    packed_version_.store(o.packed_version_.load());
+    packed_isa_.store(o.packed_isa_.load());
+  }
+  dense_ffn& operator=(const dense_ffn& o) {
+    if (this != &o) {
+      dense_ffn tmp(o);
+      *this = std::move(tmp);
+    }
+    return *this;
+  }
+  dense_ffn(dense_ffn&& o) noexcept
+      : w1_(std::move(o.w1_)), b1_(std::move(o.b1_)), w2_(std::move(o.w2_)), b2_(std::move(o.b2_)),
+        version_(o.version_), w1p_(std::move(o.w1p_)), w2p_(std::move(o.w2p_)) {
+    packed_version_.store(o.packed_version_.load());
+    packed_isa_.store(o.packed_isa_.load());
+    o.packed_version_.store(0);
+  }
+  dense_ffn& operator=(dense_ffn&& o) noexcept {
+    w1_ = std::move(o.w1_);
+    b1_ = std::move(o.b1_);
+    w2_ = std::move(o.w2_);
+    b2_ = std::move(o.b2_);
+    version_ = o.version_;
+    w1p_ = std::move(o.w1p_);
+    w2p_ = std::move(o.w2p_);
+    packed_version_.store(o.packed_version_.load());
+    packed_isa_.store(o.packed_isa_.load());
+    o.packed_version_.store(0);
+    return *this;
   }
 
   index_t d_model() const noexcept { return w2_.cols(); }
@@ -50,17 +99,26 @@ class dense_ffn {
     return 2.0 * double(d_model()) * double(hidden()) * (Activation::gated ? 3.0 : 2.0);
   }
 
-  col_matrix<T>& w1() noexcept { return w1_; }  ///< (d_model, f*hidden)
+  col_matrix<T>& w1() noexcept {  ///< (d_model, f*hidden)
+    version_.touch();
+    return w1_;
+  }
   const col_matrix<T>& w1() const noexcept { return w1_; }
   column_vector<T>& b1() noexcept { return b1_; }
   const column_vector<T>& b1() const noexcept { return b1_; }
-  col_matrix<T>& w2() noexcept { return w2_; }  ///< (hidden, d_model)
+  col_matrix<T>& w2() noexcept {  ///< (hidden, d_model)
+    version_.touch();
+    return w2_;
+  }
+  /// Declares that W1/W2 were written through a reference or pointer obtained earlier.
+  void mark_modified() noexcept { version_.touch(); }
   const col_matrix<T>& w2() const noexcept { return w2_; }
   column_vector<T>& b2() noexcept { return b2_; }
   const column_vector<T>& b2() const noexcept { return b2_; }
 
   /// PyTorch-style uniform(+-1/sqrt(fan_in)) init.
   void randomize(std::uint64_t seed) {
+    version_.touch();
     detail::rng g(seed);
     const double a1 = 1.0 / std::sqrt(double(d_model())), a2 = 1.0 / std::sqrt(double(hidden()));
     detail::fill_uniform(w1_, g, a1);
@@ -100,37 +158,49 @@ class dense_ffn {
                              ws.bytes, workspace_size(workspace_bounds{x.rows, threads}));
     detail::carver c(detail::carver::align(ws.data));
     const auto s = carve(c, threads);
-    const auto blk1 = cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, fF, d);
-    const auto blk2 = cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, d, F);
+    const cpu_isa isa = active_cpu_isa();
+    refresh_packed(isa);
+    const index_t nr = cpu_detail::tile_for<T>(isa).nr();
+    const auto w1p = cpu_detail::panel_b<T>::packed(w1p_.data(), d, nr);
+    const auto w2p = cpu_detail::panel_b<T>::packed(w2p_.data(), F, nr);
     const index_t ld = fF + F;
     const index_t tasks = (x.rows + cpu_detail::rows_per_task - 1) / cpu_detail::rows_per_task;
     ctx.parallel_for(tasks, [&](index_t task, index_t worker) noexcept {
       const index_t t0 = task * cpu_detail::rows_per_task, rows = (std::min)(cpu_detail::rows_per_task, x.rows - t0);
       T* pre = s.hidden.get(worker);
       T* post = pre + fF;
-      cpu_detail::init_rows_with(pre, rows, fF, ld, b1_.data());
-      cpu_detail::product_nt<T>(rows, fF, d, {x.row(t0), x.row_stride, nullptr}, w1_.data(), d, pre, ld,
-                                {nullptr, s.pack.get(worker), blk1});
+      cpu_detail::panel_product<T>(isa, rows, fF, d, {x.row(t0), x.row_stride, nullptr}, w1p, b1_.data(), pre, ld);
       cpu_detail::activate_rows<Activation>(pre, post, rows, F, ld);
-      for (index_t i = 0; i < rows; ++i) std::copy(b2_.data(), b2_.data() + d, y.row(t0 + i));
-      cpu_detail::product_nt<T>(rows, d, F, {post, ld, nullptr}, w2_.data(), F, y.row(t0), y.row_stride,
-                                {nullptr, s.pack.get(worker), blk2});
+      cpu_detail::panel_product<T>(isa, rows, d, F, {post, ld, nullptr}, w2p, b2_.data(), y.row(t0), y.row_stride);
     });
     return {};
   }
 
  private:
   struct scratch {
-    cpu_detail::worker_scratch<T> hidden, pack;
+    cpu_detail::worker_scratch<T> hidden;
   };
+  /// Packs W1 and W2 into panels for `isa` if they changed since (concurrent forwards: one packs).
+  void refresh_packed(cpu_isa isa) const noexcept {
+    auto current = [&] {
+      return packed_version_.load(std::memory_order_acquire) == version_.value() &&
+             packed_isa_.load(std::memory_order_relaxed) == static_cast<int>(isa);
+    };
+    if (current()) return;
+    std::lock_guard<std::mutex> lock(pack_mutex_);
+    if (current()) return;
+    const std::uint64_t v = version_.value();
+    const index_t d = d_model(), F = hidden(), fF = width_factor<Activation> * F, nr = cpu_detail::tile_for<T>(isa).nr();
+    cpu_detail::pack_panels<T>(d, fF, w1_.data(), 1, d, nr, w1p_.data());
+    cpu_detail::pack_panels<T>(F, d, w2_.data(), 1, F, nr, w2p_.data());
+    packed_isa_.store(static_cast<int>(isa), std::memory_order_relaxed);
+    packed_version_.store(v, std::memory_order_release);
+  }
   scratch carve(detail::carver& c, index_t threads) const noexcept {
-    const index_t d = d_model(), F = hidden(), fF = width_factor<Activation> * F;
+    const index_t F = hidden(), fF = width_factor<Activation> * F;
     scratch s;
     s.hidden.stride = cpu_detail::round16(cpu_detail::rows_per_task * (fF + F));
-    s.hidden.base = c.take<T>(threads * s.hidden.stride);
-    s.pack.stride = cpu_detail::round16((std::max)(cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, fF, d).pack_elems(),
-                                                 cpu_detail::plan_gemm<T>(cpu_detail::rows_per_task, d, F).pack_elems()));
-    s.pack.base = c.take<T>(threads * s.pack.stride);
+    s.hidden.base = c.take<T>(c.mul(threads, s.hidden.stride));
     return s;
   }
 
@@ -138,6 +208,11 @@ class dense_ffn {
   column_vector<T> b1_;
   col_matrix<T> w2_;
   column_vector<T> b2_;
+  version_tag version_;
+  mutable cpu_detail::aligned_array<T> w1p_, w2p_;  // panels: a cache of w1_/w2_ (refresh_packed)
+  mutable std::atomic<std::uint64_t> packed_version_{0};
+  mutable std::atomic<int> packed_isa_{-1};
+  mutable std::mutex pack_mutex_;
 };
 
 }  // namespace dmoe

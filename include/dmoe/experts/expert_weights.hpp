@@ -22,10 +22,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include <Eigen/Core>
 
+#include "../core/checked.hpp"
 #include "../core/status.hpp"
 #include "../core/version_tag.hpp"
 #include "../detail/random.hpp"
@@ -66,15 +68,28 @@ class expert_weights {
       detail::raisef(errc::invalid_argument,
                      "expert_weights: d_model, num_experts and width must be positive, got %td, %td, %td",
                      s.d_model, s.num_experts, s.width);
-    const auto E = static_cast<std::size_t>(s.num_experts);
-    const auto d = static_cast<std::size_t>(s.d_model);
-    const auto f = static_cast<std::size_t>(s.first_width());
-    const auto n = static_cast<std::size_t>(s.width);
-    w1_.assign(E * d * f, T(0));
-    b1_.assign(s.hidden_bias ? E * f : 0, T(0));
-    w2_.assign(E * n * d, T(0));
-    b2e_.assign(s.expert_bias ? E * d : 0, T(0));
-    b2_.assign(s.output_bias ? d : 0, T(0));
+    // Every size in checked arithmetic: an absurd shape is refused with its numbers instead of
+    // wrapping to a small allocation that the accessors would then read past.
+    const index_t E = s.num_experts, d = s.d_model, n = s.width;
+    const index_t f = detail::checked_product_or_throw("expert_weights: first-layer width (gated: 2 x width)",
+                                                       s.gated ? 2 : 1, n);
+    const index_t w1 = detail::checked_product_or_throw("expert_weights: w1 (num_experts x d_model x first width)", E, d, f);
+    const index_t w2 = detail::checked_product_or_throw("expert_weights: w2 (num_experts x width x d_model)", E, n, d);
+    const index_t b1 = s.hidden_bias ? detail::checked_product_or_throw("expert_weights: b1 (num_experts x first width)", E, f) : 0;
+    const index_t b2e = s.expert_bias ? detail::checked_product_or_throw("expert_weights: expert_bias (num_experts x d_model)", E, d) : 0;
+    index_t total = 0;
+    if (!detail::add_ok(w1, w2, total) || !detail::add_ok(total, b1, total) || !detail::add_ok(total, b2e, total) ||
+        !detail::add_ok(total, d, total) || total > index_t((std::numeric_limits<std::size_t>::max)() / sizeof(T)))
+      detail::raisef(errc::invalid_argument,
+                     "expert_weights: %td experts of d_model %td and width %td hold more elements than fit in memory",
+                     E, d, n);
+    detail::allocate_or_throw("expert_weights", total, sizeof(T), [&] {
+      w1_.assign(static_cast<std::size_t>(w1), T(0));
+      b1_.assign(static_cast<std::size_t>(b1), T(0));
+      w2_.assign(static_cast<std::size_t>(w2), T(0));
+      b2e_.assign(static_cast<std::size_t>(b2e), T(0));
+      b2_.assign(s.output_bias ? static_cast<std::size_t>(d) : 0, T(0));
+    });
   }
 
   const expert_shape& shape() const noexcept { return shape_; }

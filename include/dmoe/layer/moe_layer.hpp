@@ -4,7 +4,8 @@
 /// \file
 /// The one MoE layer type, declared once and specialised per backend (the CUTLASS way): a user
 /// switches backend by changing the Backend argument. cpu/moe_layer.hpp holds the dmoe::cpu
-/// specialisation; cuda/ the dmoe::cuda one.
+/// specialisation; cuda/ the dmoe::cuda one. What both share (configuration, checks, FLOPs) is
+/// in layer/spec.hpp.
 
 #include <cstddef>
 #include <type_traits>
@@ -12,20 +13,11 @@
 #include "../core/backend.hpp"
 #include "../core/extents.hpp"
 #include "../experts/activation.hpp"
+#include "../routing/options.hpp"
 #include "../routing/routers.hpp"
+#include "spec.hpp"
 
 namespace dmoe {
-
-/// Runtime shape of a layer. num_experts / expert_width must match static extents if given.
-struct moe_config {
-  index_t d_model = 0;
-  index_t num_experts = 0;
-  index_t expert_width = 0;  ///< n, hidden units per expert
-  bool hidden_bias = true;   ///< b1 in every expert
-  bool expert_bias = false;  ///< per-expert output bias b2_e (classic MoE layers)
-  bool output_bias = true;   ///< shared output bias b2 added once per token (converted layers)
-  index_t router_hidden = 128;  ///< dynamic_k router hidden width (ignored by other policies)
-};
 
 namespace detail {
 template <class>

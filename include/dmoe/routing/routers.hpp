@@ -12,8 +12,10 @@
 
 #include <Eigen/Core>
 
+#include "../core/checked.hpp"
 #include "../core/status.hpp"
 #include "../detail/random.hpp"
+#include "options.hpp"
 
 namespace dmoe {
 
@@ -29,19 +31,21 @@ inline void check_router_dims(const char* who, index_t d_model, index_t num_expe
   if (num_experts <= 0 || num_experts > INT32_MAX)
     raisef(errc::invalid_argument, "%s: num_experts must be in [1, 2^31), got %td", who, num_experts);
 }
+/// A zero (rows x cols) parameter of a router, checked: the element count in checked arithmetic,
+/// an allocation failure as dmoe::error(out_of_memory) naming `who` and the bytes.
+template <class M>
+M zero_parameter(const char* who, index_t rows, index_t cols) {
+  const index_t count = checked_product_or_throw(who, rows, cols);
+  M m;
+  allocate_or_throw(who, count, sizeof(typename M::Scalar), [&] { m = M::Zero(rows, cols); });
+  return m;
+}
 template <class M>
 void fill_uniform(M& m, rng& g, double bound) {
   for (index_t j = 0; j < m.cols(); ++j)
     for (index_t i = 0; i < m.rows(); ++i) m(i, j) = static_cast<typename M::Scalar>(g.uniform(-bound, bound));
 }
 }  // namespace detail
-
-// ---------------------------------------------------------------------------------------------
-/// Options of the softmax top-k router.
-struct top_k_options {
-  index_t k = 2;            ///< experts per token, in [1, num_experts]
-  bool renormalize = true;  ///< weights p_e / sum of selected p (true) or p_e (false)
-};
 
 /// Softmax top-k router: z = x Wr + br, p = softmax(z), the k largest p (ties: lower id).
 template <class T>
@@ -51,17 +55,16 @@ class top_k_router {
   static constexpr const char* name = "top_k";
 
   top_k_router(index_t d_model, index_t num_experts, top_k_options opt = {})
-      : weight_(col_matrix<T>::Zero(d_model > 0 ? d_model : 0, num_experts > 0 ? num_experts : 0)),
-        bias_(column_vector<T>::Zero(num_experts > 0 ? num_experts : 0)) {
-    detail::check_router_dims("top_k_router", d_model, num_experts);
+      : weight_((detail::check_router_dims("top_k_router", d_model, num_experts),
+                 detail::zero_parameter<col_matrix<T>>("top_k_router: weight (d_model x num_experts)", d_model,
+                                                       num_experts))),
+        bias_(detail::zero_parameter<column_vector<T>>("top_k_router: bias", num_experts, 1)) {
     set_options(opt);
   }
 
   /// Validates and applies options; throws dmoe::error naming the bad value.
   void set_options(const top_k_options& opt) {
-    if (opt.k < 1 || opt.k > num_experts())
-      detail::raisef(errc::invalid_argument, "top_k_router: k must be in [1, num_experts = %td], got k = %td",
-                     num_experts(), opt.k);
+    detail::check_options("top_k_router", num_experts(), opt);
     opt_ = opt;
   }
   const top_k_options& options() const noexcept { return opt_; }
@@ -69,7 +72,7 @@ class top_k_router {
   index_t d_model() const noexcept { return weight_.rows(); }
   index_t num_experts() const noexcept { return weight_.cols(); }
   /// Most experts one token can get.
-  index_t max_k() const noexcept { return opt_.k; }
+  index_t max_k() const noexcept { return detail::max_k(num_experts(), opt_); }
   /// Router multiply-add FLOPs per token (bias and softmax not counted).
   double flops_per_token() const noexcept { return 2.0 * double(d_model()) * double(num_experts()); }
 
@@ -96,13 +99,6 @@ class top_k_router {
   top_k_options opt_;
 };
 
-// ---------------------------------------------------------------------------------------------
-/// Options of the D2DMoE dynamic-k router.
-struct dynamic_k_options {
-  double tau = 0.5;   ///< in [0, 1]: expert e runs iff r_e >= tau * max r (0 = all, 1 = best only)
-  index_t k_max = 0;  ///< if > 0, keep at most the k_max largest r among the selected
-};
-
 /// D2DMoE router r = |ReLU(x Wa) Wb| (two layers, no biases); r_e predicts the L2 norm of expert
 /// e's output. The reference code writes the rule as r_e >= (1 - tau') max r: tau = 1 - tau'.
 template <class T>
@@ -117,18 +113,14 @@ class dynamic_k_router {
     detail::check_router_dims("dynamic_k_router", d_model, num_experts);
     if (hidden <= 0)
       detail::raisef(errc::invalid_argument, "dynamic_k_router: hidden width must be positive, got %td", hidden);
-    w_in_ = col_matrix<T>::Zero(d_model, hidden);
-    w_out_ = col_matrix<T>::Zero(hidden, num_experts);
+    w_in_ = detail::zero_parameter<col_matrix<T>>("dynamic_k_router: w_in (d_model x hidden)", d_model, hidden);
+    w_out_ = detail::zero_parameter<col_matrix<T>>("dynamic_k_router: w_out (hidden x num_experts)", hidden,
+                                                   num_experts);
     set_options(opt);
   }
 
   void set_options(const dynamic_k_options& opt) {
-    if (!(opt.tau >= 0.0 && opt.tau <= 1.0))
-      detail::raisef(errc::invalid_argument, "dynamic_k_router: tau must be in [0, 1], got %g", opt.tau);
-    if (opt.k_max < 0 || opt.k_max > num_experts())
-      detail::raisef(errc::invalid_argument,
-                     "dynamic_k_router: k_max must be 0 (no cap) or in [1, num_experts = %td], got %td",
-                     num_experts(), opt.k_max);
+    detail::check_options("dynamic_k_router", num_experts(), opt);
     opt_ = opt;
   }
   const dynamic_k_options& options() const noexcept { return opt_; }
@@ -138,7 +130,7 @@ class dynamic_k_router {
   index_t d_model() const noexcept { return w_in_.rows(); }
   index_t hidden() const noexcept { return w_in_.cols(); }
   index_t num_experts() const noexcept { return w_out_.cols(); }
-  index_t max_k() const noexcept { return opt_.k_max > 0 ? opt_.k_max : num_experts(); }
+  index_t max_k() const noexcept { return detail::max_k(num_experts(), opt_); }
   double flops_per_token() const noexcept {
     return 2.0 * double(d_model()) * double(hidden()) + 2.0 * double(hidden()) * double(num_experts());
   }
@@ -163,14 +155,6 @@ class dynamic_k_router {
   dynamic_k_options opt_;
 };
 
-// ---------------------------------------------------------------------------------------------
-/// Options of the DynMoE top-any router.
-struct top_any_options {
-  /// Training: a token that fires nothing gets no expert. Inference: it falls back to the active
-  /// expert with the highest cosine score.
-  bool training = false;
-};
-
 /// DynMoE top-any gate: cos_te = <x/|x|, w_e/|w_e|>; e fires iff active and cos_te > g_e.
 /// Holds E slots (the maximum); the active mask says which are in use (adapt/ changes it).
 template <class T>
@@ -182,12 +166,12 @@ class top_any_router {
   static constexpr T norm_eps = T(1e-12);
 
   top_any_router(index_t d_model, index_t num_experts, top_any_options opt = {})
-      : weight_(col_matrix<T>::Zero(d_model > 0 ? d_model : 0, num_experts > 0 ? num_experts : 0)),
-        threshold_(column_vector<T>::Zero(num_experts > 0 ? num_experts : 0)),
-        active_(static_cast<std::size_t>(num_experts > 0 ? num_experts : 0), std::uint8_t{1}),
-        opt_(opt) {
-    detail::check_router_dims("top_any_router", d_model, num_experts);
-  }
+      : weight_((detail::check_router_dims("top_any_router", d_model, num_experts),
+                 detail::zero_parameter<col_matrix<T>>("top_any_router: weight (d_model x num_experts)", d_model,
+                                                       num_experts))),
+        threshold_(detail::zero_parameter<column_vector<T>>("top_any_router: threshold", num_experts, 1)),
+        active_(static_cast<std::size_t>(num_experts), std::uint8_t{1}),
+        opt_(opt) {}
 
   void set_options(const top_any_options& opt) noexcept { opt_ = opt; }
   const top_any_options& options() const noexcept { return opt_; }
@@ -195,7 +179,7 @@ class top_any_router {
 
   index_t d_model() const noexcept { return weight_.rows(); }
   index_t num_experts() const noexcept { return weight_.cols(); }
-  index_t max_k() const noexcept { return num_experts(); }
+  index_t max_k() const noexcept { return detail::max_k(num_experts(), opt_); }
   double flops_per_token() const noexcept { return 2.0 * double(d_model()) * double(num_experts()); }
 
   col_matrix<T>& weight() noexcept { return weight_; }  ///< gate embeddings W (d_model, num_experts)
@@ -239,27 +223,5 @@ class top_any_router {
   std::vector<std::uint8_t> active_;
   top_any_options opt_;
 };
-
-// ---------------------------------------------------------------------------------------------
-/// Routing policy tags, the layer's template argument; each names its router.
-struct top_k {
-  template <class T>
-  using router = top_k_router<T>;
-  using options = top_k_options;
-};
-struct dynamic_k {
-  template <class T>
-  using router = dynamic_k_router<T>;
-  using options = dynamic_k_options;
-};
-struct top_any {
-  template <class T>
-  using router = top_any_router<T>;
-  using options = top_any_options;
-};
-
-template <class P>
-inline constexpr bool is_routing_policy_v =
-    std::is_same_v<P, top_k> || std::is_same_v<P, dynamic_k> || std::is_same_v<P, top_any>;
 
 }  // namespace dmoe

@@ -21,7 +21,10 @@ struct routing_stats {
   std::vector<index_t> k_histogram;        ///< (num_experts + 1): tokens that ran k experts
   std::vector<index_t> tokens_per_expert;  ///< (num_experts)
   index_t tokens = 0;
-  index_t slots = 0;          ///< total (token, expert) pairs
+  index_t slots = 0;          ///< total (token, expert) pairs of the last call
+  /// Largest `slots` of any call recorded into this object (never reset by record): the
+  /// workspace_bounds::max_slots a workload needs. Set it to 0 to start a new measurement.
+  index_t max_slots_seen = 0;
   double router_flops = 0;    ///< router products over all tokens
   double expert_flops = 0;    ///< executed expert products: slots * 2 d n (2, or 3 if gated)
   double dense_flops = 0;     ///< the dense FFN of hidden E*n on the same tokens
@@ -41,6 +44,10 @@ struct routing_stats {
     return dense_flops > 0 ? (router_flops + expert_flops) / dense_flops : 0.0;
   }
 
+  /// Folds the current `slots` into max_slots_seen (record calls it; backends that fill the
+  /// fields themselves call it too).
+  void note_slots() noexcept { max_slots_seen = slots > max_slots_seen ? slots : max_slots_seen; }
+
   /// Fills the statistics from a plan. `flops_per_slot` = 2 d n (2 or 3); `router_per_token` as
   /// the router reports. No allocation if the vectors already have num_experts entries.
   template <class T>
@@ -49,6 +56,7 @@ struct routing_stats {
     std::fill(tokens_per_expert.begin(), tokens_per_expert.end(), 0);
     tokens = plan.tokens;
     slots = plan.nnz();
+    note_slots();
     for (index_t t = 0; t < plan.tokens; ++t) ++k_histogram[static_cast<std::size_t>(plan.k(t))];
     for (index_t s = 0; s < slots; ++s) ++tokens_per_expert[static_cast<std::size_t>(plan.expert[s])];
     router_flops = router_per_token * double(tokens);

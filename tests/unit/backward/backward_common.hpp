@@ -392,7 +392,12 @@ outcome check_fd_library(const case_cfg& c, Prepare&& prepare = {}, Accept&& acc
   plan_snapshot now;
   dmoe::workspace_buffer ws2(ws.size());
   const auto r = run_fd(
-      ps, [&] { return library_loss(layer, x, dy, weights, ws2, &now); }, [&] { return now.same_selection(base); });
+      ps,
+      [&] {
+        layer.experts().mark_modified();  // run_fd wrote through pointers taken before the forwards
+        return library_loss(layer, x, dy, weights, ws2, &now);
+      },
+      [&] { return now.same_selection(base); });
   check_report(r, "loss at theta0 " + std::to_string(L0));
   return outcome::ran;
 }

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
-// The exact balanced assignment (convert/detail_balanced_assignment.hpp) against independent
+// The exact balanced assignment (convert/detail/balanced_assignment.hpp) against independent
 // checks: enumeration of every balanced assignment on small instances, and the min-cost-flow
 // optimality condition (no negative exchange cycle, found by a plain Bellman-Ford over every
 // point's move) on larger ones.
@@ -10,7 +10,7 @@
 #include <limits>
 #include <vector>
 
-#include <dmoe/convert/detail_balanced_assignment.hpp>
+#include <dmoe/convert/detail/balanced_assignment.hpp>
 
 #include "test_random.hpp"
 

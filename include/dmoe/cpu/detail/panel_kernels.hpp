@@ -32,6 +32,10 @@
 #include <immintrin.h>
 #endif
 
+#ifndef DMOE_PANEL_DEPTH_BYTES
+#define DMOE_PANEL_DEPTH_BYTES 4096
+#endif
+
 namespace dmoe::cpu_detail {
 
 /// Operand A of a product: rows of K contiguous values, row i at data + row(i) * ld.
@@ -80,6 +84,9 @@ constexpr tile_shape tile_for(cpu_isa isa) noexcept {
 /// Bytes of B panels one pass over a row block reads: a share of a 1-2 MiB L2 that leaves room
 /// for the rows and the output.
 inline constexpr index_t panel_chunk_bytes = 512 * 1024;
+/// Bytes of one A row a tile reads before its chains are stored and continued (deep products
+/// only; the expert products of the usual shapes are never cut).
+inline constexpr index_t panel_depth_bytes = DMOE_PANEL_DEPTH_BYTES;
 
 /// Widest panel any instruction set uses for T: storage sized for it fits every kernel.
 template <class T>

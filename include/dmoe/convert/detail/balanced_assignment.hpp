@@ -32,8 +32,8 @@
 #include <limits>
 #include <vector>
 
-#include "../core/config.hpp"
-#include "../core/status.hpp"
+#include "../../core/config.hpp"
+#include "../../core/status.hpp"
 
 namespace dmoe::convert_detail {
 

@@ -1,0 +1,69 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// CPU combine and its backward, per token in fixed tasks of tokens (no atomics, no reduction
+/// across threads): y_t = b2 + sum over t's slots in slot order of w_s out[slot]; the slot
+/// weights' gradients dL/dw_s = <dy_t, out[slot]>; the slots' parts of dL/dx; dL/db2.
+
+#include <Eigen/Core>
+
+#include "../core/backend.hpp"
+#include "../core/views.hpp"
+#include "layout.hpp"
+#include "tasks.hpp"
+
+namespace dmoe::cpu_detail {
+
+/// y = b2 (or 0) + sum_s w_s out[slot_pos[s]] per token.
+template <class T>
+void combine(const context<cpu>& ctx, matrix_view<T> y, const layer_buffers<T>& b, index_t d, const T* b2) noexcept {
+  using Row = Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+  using CRow = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+  for_each_token(ctx, b.plan.tokens, [&](index_t t) noexcept {
+    Row yt(y.row(t), d);
+    if (b2)
+      yt = CRow(b2, d);
+    else
+      yt.setZero();
+    for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s)
+      yt += b.plan.weight[s] * CRow(b.out + b.slot_pos[s] * d, d);
+  });
+}
+
+/// dL/dw_s = <dy_t, y_e(x_t)> for every slot (the combine weights' gradient), into b.dweight.
+template <class T>
+void slot_weight_grads(const context<cpu>& ctx, matrix_view<const T> dy, const layer_buffers<T>& b,
+                       index_t d) noexcept {
+  for_each_token(ctx, b.plan.tokens, [&](index_t t) noexcept {
+    for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s) {
+      const T* o = b.out + b.slot_pos[s] * d;
+      const T* g = dy.row(t);
+      T acc = 0;
+      for (index_t j = 0; j < d; ++j) acc += g[j] * o[j];
+      b.dweight[s] = acc;
+    }
+  });
+}
+
+/// dx_t (holding the router's part) += the slots' parts in slot order.
+template <class T>
+void input_grads(const context<cpu>& ctx, matrix_view<T> dx, const layer_buffers<T>& b, index_t d) noexcept {
+  for_each_token(ctx, b.plan.tokens, [&](index_t t) noexcept {
+    T* o = dx.row(t);
+    for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s) {
+      const T* src = b.dx_slot + b.slot_pos[s] * d;
+      for (index_t j = 0; j < d; ++j) o[j] += src[j];
+    }
+  });
+}
+
+/// db2 += sum over tokens of dy_t, in token order (the shared output bias is added once per token).
+template <class T>
+void output_bias_grad(matrix_view<const T> dy, T* db2, index_t d) noexcept {
+  if (!db2) return;
+  for (index_t t = 0; t < dy.rows; ++t)
+    for (index_t j = 0; j < d; ++j) db2[j] += dy(t, j);
+}
+
+}  // namespace dmoe::cpu_detail

@@ -1,0 +1,55 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+#pragma once
+/// \file
+/// How the CPU backend cuts work into tasks: a fixed number of rows per task (never derived
+/// from the thread count, so results are bitwise identical for any executor), per-worker scratch
+/// slices, and the small row helpers every room shares.
+
+#include <algorithm>
+
+#include "../core/config.hpp"
+
+namespace dmoe::cpu_detail {
+
+/// Tokens (or slots) per task. Fixed, never derived from the thread count, so results are
+/// bitwise identical for any number of threads.
+inline constexpr index_t rows_per_task = 128;
+
+/// Tasks covering `rows` rows, rows_per_task at a time.
+inline constexpr index_t task_count(index_t rows) noexcept { return (rows + rows_per_task - 1) / rows_per_task; }
+
+/// Per-worker scratch: a slice per worker id, each 64-byte aligned.
+template <class T>
+struct worker_scratch {
+  T* base = nullptr;
+  index_t stride = 0;  ///< elements per worker (multiple of 16)
+  T* get(index_t worker) const noexcept { return base + worker * stride; }
+};
+
+/// Rounds an element count up to a multiple of 16 (64 bytes of float: worker slices stay aligned).
+inline index_t round16(index_t v) noexcept { return (v + 15) / 16 * 16; }
+
+/// Sets `rows` rows of `cols` values (row stride ld) to `bias`, or to zero without one: the
+/// accumulator a product then adds onto.
+template <class T>
+void init_rows_with(T* dst, index_t rows, index_t cols, index_t ld, const T* bias) noexcept {
+  for (index_t i = 0; i < rows; ++i) {
+    T* r = dst + i * ld;
+    if (bias)
+      std::copy(bias, bias + cols, r);
+    else
+      std::fill(r, r + cols, T(0));
+  }
+}
+
+/// Runs f(t) for every token, in tasks of rows_per_task consecutive tokens.
+template <class Ctx, class F>
+void for_each_token(const Ctx& ctx, index_t tokens, F&& f) noexcept {
+  ctx.parallel_for(task_count(tokens), [&](index_t task, index_t) noexcept {
+    const index_t t0 = task * rows_per_task, t1 = (std::min)(tokens, t0 + rows_per_task);
+    for (index_t t = t0; t < t1; ++t) f(t);
+  });
+}
+
+}  // namespace dmoe::cpu_detail

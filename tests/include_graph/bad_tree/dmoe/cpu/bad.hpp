@@ -1,0 +1,2 @@
+#pragma once
+#include "../train/optimizers.hpp"

@@ -1,0 +1,2 @@
+#pragma once
+#include "moe_layer.hpp"
