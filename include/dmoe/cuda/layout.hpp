@@ -177,16 +177,19 @@ struct layer_buffers {
 inline layer_buffers carve_layer(detail::carver& c, const layer_dims& dm, index_t tokens, std::size_t sort_temp_bytes,
                                  std::size_t scan_temp_bytes) noexcept {
   layer_buffers b;
-  const index_t items = tokens * dm.max_k;
+  // Sizes through the carver's checked arithmetic: an overflow marks the layout, and the
+  // layer refuses it (check_tokens bounds tokens * max_k to int32 before this runs).
+  const index_t items = c.mul(tokens, dm.max_k);
+  const index_t tokens1 = c.add(tokens, 1);
   b.tokens = tokens;
   b.items = items;
   b.error_token = c.take<unsigned long long>(1);
-  b.scores = c.take<float>(tokens * dm.E);
-  b.router_hidden = c.take<float>(tokens * dm.router_hidden);
-  b.counts = c.take<std::int32_t>(tokens + 1);
+  b.scores = c.take<float>(c.mul(tokens, dm.E));
+  b.router_hidden = c.take<float>(c.mul(tokens, dm.router_hidden));
+  b.counts = c.take<std::int32_t>(tokens1);
   b.slot_expert = c.take<std::int32_t>(items);
   b.slot_weight = c.take<float>(items);
-  b.token_offsets = c.take<index_t>(tokens + 1);
+  b.token_offsets = c.take<index_t>(tokens1);
   b.plan_expert = c.take<std::int32_t>(items);
   b.plan_weight = c.take<float>(items);
   b.sort_keys = c.take<std::int32_t>(items);
@@ -198,8 +201,8 @@ inline layer_buffers carve_layer(detail::carver& c, const layer_dims& dm, index_
   b.expert_offsets = c.take<std::int32_t>(dm.E + 1);
   b.tile_offsets = c.take<std::int32_t>(dm.E + 1);
   b.k_histogram = c.take<std::int32_t>(dm.E + 1);
-  b.hidden = c.take<std::byte>(items * dm.n * dm.storage_bytes);
-  b.out = c.take<std::byte>(items * dm.d * dm.storage_bytes);
+  b.hidden = c.take<std::byte>(c.mul(items, dm.n, dm.storage_bytes));
+  b.out = c.take<std::byte>(c.mul(items, dm.d, dm.storage_bytes));
   b.sort_temp_bytes = sort_temp_bytes;
   b.sort_temp = c.take<std::byte>(static_cast<index_t>(sort_temp_bytes));
   b.scan_temp_bytes = scan_temp_bytes;
