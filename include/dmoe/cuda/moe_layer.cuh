@@ -16,7 +16,7 @@
 ///  3. experts (experts.cuh): two grouped GEMMs on tensor cores, persistent grid sized on the host
 ///     from worst-case bounds, tile list read on the device;
 ///  4. combine (combine.cuh): per token, y = b2 + sum over its slots in slot order of w_s out.
-/// Buffers: layout.hpp; statistics and the NaN flag (the synchronising paths): stats.cuh; checks
+/// Buffers: layout.hpp; device parameters: weights.cuh; statistics and the NaN flag (the synchronising paths): stats.cuh; checks
 /// and FLOPs shared with the CPU backend: layer/spec.hpp. Every buffer size comes from the token
 /// count and the layer shape, so the sequence can be captured in a CUDA graph and replayed.
 
@@ -44,6 +44,7 @@
 #include "experts.cuh"
 #include "route.cuh"
 #include "stats.cuh"
+#include "weights.cuh"
 
 namespace dmoe {
 
@@ -78,8 +79,8 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   moe_layer(const moe_config& cfg, const options_type& opt) : cfg_(spec::checked_config(cfg, detail::cuda_limits)) {
     spec::check_options(cfg_, opt);
     opt_ = opt;
-    init_device();
-    allocate();
+    sm_count_ = cuda_detail::current_device_sm_count();
+    w_.allocate(cfg_);
   }
   /// Copies the weights of a CPU layer of the same policy, activation and shape.
   explicit moe_layer(const cpu_layer_type& src) : moe_layer(src.config(), src.router().options()) { copy_from(src); }
@@ -105,66 +106,15 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
       detail::raisef(errc::invalid_argument,
                      "moe_layer<cuda>::copy_from: router is (d_model %td, %td experts), the layer (%td, %td)",
                      r.d_model(), r.num_experts(), cfg_.d_model, cfg_.num_experts);
-    upload_converted(w1_, ex.w1_storage());
-    upload_converted(b1_, ex.b1_storage());
-    upload_converted(w2_, ex.w2_storage());
-    upload_converted(b2e_, ex.expert_bias_storage());
-    upload_converted(b2_, ex.output_bias_storage());
+    w_.upload(ex, r);
     opt_ = r.options();
-    if constexpr (std::is_same_v<Policy, top_k>) {
-      router_w_.upload(r.weight().data(), static_cast<std::size_t>(r.weight().size()));
-      router_b_.upload(r.bias().data(), static_cast<std::size_t>(r.bias().size()));
-    } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
-      router_w_.upload(r.w_in().data(), static_cast<std::size_t>(r.w_in().size()));
-      router_w2_.upload(r.w_out().data(), static_cast<std::size_t>(r.w_out().size()));
-    } else {
-      router_w_.upload(r.weight().data(), static_cast<std::size_t>(r.weight().size()));
-      router_b_.upload(r.threshold().data(), static_cast<std::size_t>(r.threshold().size()));
-      std::vector<float> norms(static_cast<std::size_t>(num_experts()));
-      for (index_t e = 0; e < num_experts(); ++e)
-        norms[static_cast<std::size_t>(e)] = (std::max)(r.weight().col(e).norm(), top_any_router<float>::norm_eps);
-      expert_norm_.upload(norms);
-      active_.upload(r.active());
-      num_active_ = r.num_active();
-    }
   }
 
   /// Seeded random weights generated on the device: uniform(+-1/sqrt(fan_in)) for expert weights
   /// and biases and for the router (top_any: thresholds 0, all slots active). Not the CPU
   /// layer's sequence (use copy_from to compare backends); for benchmarks, where uploading a
   /// large layer from the host would dominate. Cold path: synchronises the device.
-  void randomize(std::uint64_t seed) {
-    const float a1 = 1.f / std::sqrt(float(cfg_.d_model)), a2 = 1.f / std::sqrt(float(cfg_.expert_width));
-    cuda_detail::fill_uniform(w1_.data(), w1_.size(), seed ^ 0x1ull, a1);
-    cuda_detail::fill_uniform(b1_.data(), b1_.size(), seed ^ 0x2ull, a1);
-    cuda_detail::fill_uniform(w2_.data(), w2_.size(), seed ^ 0x3ull, a2);
-    cuda_detail::fill_uniform(b2e_.data(), b2e_.size(), seed ^ 0x4ull, a2);
-    cuda_detail::fill_uniform(b2_.data(), b2_.size(), seed ^ 0x5ull, a2);
-    cuda_detail::fill_uniform(router_w_.data(), router_w_.size(), seed ^ 0x6ull, a1);
-    if constexpr (std::is_same_v<Policy, dynamic_k>)
-      cuda_detail::fill_uniform(router_w2_.data(), router_w2_.size(), seed ^ 0x7ull,
-                                1.f / std::sqrt(float(cfg_.router_hidden)));
-    if constexpr (std::is_same_v<Policy, top_k>)
-      cuda_detail::throw_on_cuda(cudaMemset(router_b_.data(), 0, router_b_.size() * sizeof(float)), "cudaMemset");
-    if constexpr (std::is_same_v<Policy, top_any>) {
-      cuda_detail::throw_on_cuda(cudaMemset(router_b_.data(), 0, router_b_.size() * sizeof(float)), "cudaMemset");
-      const std::vector<float> w = router_w_.download();  // (d, E) column-major: small
-      std::vector<float> norms(static_cast<std::size_t>(num_experts()));
-      for (index_t e = 0; e < num_experts(); ++e) {
-        double sq = 0;
-        for (index_t i = 0; i < cfg_.d_model; ++i) {
-          const double v = w[static_cast<std::size_t>(e * cfg_.d_model + i)];
-          sq += v * v;
-        }
-        norms[static_cast<std::size_t>(e)] = (std::max)(float(std::sqrt(sq)), top_any_router<float>::norm_eps);
-      }
-      expert_norm_.upload(norms);
-      active_.upload(std::vector<std::uint8_t>(norms.size(), std::uint8_t{1}));
-      num_active_ = num_experts();
-    }
-    // The router-bias cudaMemset may still be in flight (see allocate()).
-    cuda_detail::throw_on_cuda(cudaStreamSynchronize(nullptr), "moe_layer<cuda>::randomize: cudaStreamSynchronize");
-  }
+  void randomize(std::uint64_t seed) { w_.randomize(cfg_, seed); }
 
   /// Validates and applies router options (the CPU router's rules and messages, routing/options.hpp).
   void set_options(const options_type& opt) {
@@ -230,7 +180,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
 
     // 1. route
     DMOE_TRY(cuda_detail::route<Policy>(x.data, x.row_stride, tokens, cfg_.d_model, num_experts(), max_k(), opt_,
-                                        router_params(), b, stream));
+                                        w_.router(), b, stream));
     std::size_t scan_bytes = b.scan_temp_bytes;
     err = cub::DeviceScan::ExclusiveSum(b.scan_temp, scan_bytes, b.counts, b.token_offsets,
                                         static_cast<int>(tokens + 1), stream);
@@ -243,13 +193,11 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     DMOE_TRY(cuda_detail::dispatch(b, E, mk, stream));
 
     // 3. experts
-    const cuda_detail::expert_params<T> w{w1_.data(), b1_.empty() ? nullptr : b1_.data(), w2_.data(),
-                                          b2e_.empty() ? nullptr : b2e_.data()};
-    DMOE_TRY((cuda_detail::run_experts<T, Activation>(x.data, x.row_stride, b, w, cfg_.d_model, expert_width(), E,
-                                                      sm_count_, stream)));
+    DMOE_TRY((cuda_detail::run_experts<T, Activation>(x.data, x.row_stride, b, w_.experts(), cfg_.d_model,
+                                                      expert_width(), E, sm_count_, stream)));
 
     // 4. combine
-    DMOE_TRY(cuda_detail::combine<T>(b, reinterpret_cast<const T*>(b.out), b2_.empty() ? nullptr : b2_.data(), y.data,
+    DMOE_TRY(cuda_detail::combine<T>(b, reinterpret_cast<const T*>(b.out), w_.output_bias(), y.data,
                                      y.row_stride, tokens, cfg_.d_model, mk, stream));
 
     if (stats)
@@ -288,70 +236,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   using width_extent = detail::extent_value<Width>;
 
 
-  void init_device() {
-    int dev = 0, major = 0;
-    cuda_detail::throw_on_cuda(cudaGetDevice(&dev), "moe_layer<cuda>: cudaGetDevice (is there a CUDA device?)");
-    cuda_detail::throw_on_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
-                               "moe_layer<cuda>: cudaDeviceGetAttribute");
-    if (major < 8)
-      detail::raisef(errc::unsupported,
-                     "moe_layer<cuda>: device %d has compute capability %d.x; the CUDA backend needs sm_80 or newer",
-                     dev, major);
-    int sms = 0;
-    cuda_detail::throw_on_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
-                               "moe_layer<cuda>: cudaDeviceGetAttribute");
-    sm_count_ = sms;
-  }
 
-  void allocate() {
-    // Sizes in checked arithmetic (spec::checked_config bounded E d f n already; these name the
-    // tensor if a product still does not fit).
-    const auto sz = [](const char* what, index_t a, index_t b2, index_t c = 1) {
-      return static_cast<std::size_t>(detail::checked_product_or_throw(what, a, b2, c));
-    };
-    const index_t d = cfg_.d_model, E = cfg_.num_experts, n = cfg_.expert_width, fn = width_factor<Activation> * n;
-    w1_ = device_array<T>(sz("moe_layer<cuda>: w1", E, d, fn));
-    b1_ = device_array<T>(cfg_.hidden_bias ? sz("moe_layer<cuda>: b1", E, fn) : 0);
-    w2_ = device_array<T>(sz("moe_layer<cuda>: w2", E, n, d));
-    b2e_ = device_array<T>(cfg_.expert_bias ? sz("moe_layer<cuda>: expert_bias", E, d) : 0);
-    b2_ = device_array<T>(cfg_.output_bias ? static_cast<std::size_t>(d) : 0);
-    if constexpr (std::is_same_v<Policy, top_k>) {
-      router_w_ = device_array<float>(sz("moe_layer<cuda>: router weight", d, E));
-      router_b_ = device_array<float>(static_cast<std::size_t>(E));
-    } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
-      router_w_ = device_array<float>(sz("moe_layer<cuda>: router w_in", d, cfg_.router_hidden));
-      router_w2_ = device_array<float>(sz("moe_layer<cuda>: router w_out", cfg_.router_hidden, E));
-    } else {
-      router_w_ = device_array<float>(sz("moe_layer<cuda>: router weight", d, E));
-      router_b_ = device_array<float>(static_cast<std::size_t>(E));  // thresholds g
-      expert_norm_ = device_array<float>(static_cast<std::size_t>(E));
-      active_ = device_array<std::uint8_t>(static_cast<std::size_t>(E));
-      num_active_ = E;
-    }
-    // Zero weights (cudaMalloc does not clear); all-active mask, unit norm floor for top_any.
-    for (auto* a : {&w1_, &b1_, &w2_, &b2e_, &b2_})
-      if (!a->empty()) cuda_detail::throw_on_cuda(cudaMemset(a->data(), 0, a->size() * sizeof(T)), "cudaMemset");
-    for (auto* a : {&router_w_, &router_b_, &router_w2_})
-      if (!a->empty()) cuda_detail::throw_on_cuda(cudaMemset(a->data(), 0, a->size() * sizeof(float)), "cudaMemset");
-    if constexpr (std::is_same_v<Policy, top_any>) {
-      expert_norm_.upload(std::vector<float>(static_cast<std::size_t>(E), top_any_router<float>::norm_eps));
-      active_.upload(std::vector<std::uint8_t>(static_cast<std::size_t>(E), std::uint8_t{1}));
-    }
-    // cudaMemset may return before the device has written: wait, so that a forward on a stream
-    // not ordered after the default stream (cudaStreamNonBlocking) sees the zeros.
-    cuda_detail::throw_on_cuda(cudaStreamSynchronize(nullptr), "moe_layer<cuda>: cudaStreamSynchronize");
-  }
-
-  static void upload_converted(device_array<T>& dst, const std::vector<float>& src) {
-    if (src.empty()) return;
-    if constexpr (std::is_same_v<T, float>) {
-      dst.upload(src);
-    } else {
-      std::vector<T> tmp(src.size());
-      cuda_detail::convert_to_storage(src.data(), src.size(), tmp.data());
-      dst.upload(tmp);
-    }
-  }
 
   cuda_detail::layer_dims dims() const noexcept {
     cuda_detail::layer_dims dm;
@@ -403,7 +288,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
                              "grid (65535 x %d columns)",
                              num_experts(), cfg_.router_hidden, cuda_detail::router_tile);
     if constexpr (std::is_same_v<Policy, top_any>)
-      if (num_active_ == 0)
+      if (w_.num_active == 0)
         return status::failure(errc::invalid_argument,
                                "top_any route: no active expert (all %td slots masked off); activate at least one "
                                "slot in router().active() and copy_from again",
@@ -411,24 +296,11 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     return {};
   }
 
-  cuda_detail::router_params router_params() const noexcept {
-    cuda_detail::router_params r;
-    r.w = router_w_.data();
-    r.b = router_b_.empty() ? nullptr : router_b_.data();
-    r.w2 = router_w2_.empty() ? nullptr : router_w2_.data();
-    r.expert_norm = expert_norm_.empty() ? nullptr : expert_norm_.data();
-    r.active = active_.empty() ? nullptr : active_.data();
-    r.hidden = cfg_.router_hidden;
-    return r;
-  }
 
   moe_config cfg_;
   options_type opt_{};
   int sm_count_ = 1;
-  index_t num_active_ = 0;
-  device_array<T> w1_, b1_, w2_, b2e_, b2_;
-  device_array<float> router_w_, router_b_, router_w2_, expert_norm_;
-  device_array<std::uint8_t> active_;
+  cuda_detail::device_weights<T, Policy, Activation> w_;
 };
 
 }  // namespace dmoe
