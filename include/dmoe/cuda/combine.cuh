@@ -17,7 +17,8 @@ __global__ void __launch_bounds__(combine_threads)
     combine_kernel(layer_buffers b, const T* __restrict__ out, const T* __restrict__ b2, T* __restrict__ y, index_t ldy,
                    int d, int max_k) {
   const index_t t = blockIdx.x;
-  const int cnt = b.counts[t];
+  // A batch beyond the slot bound ran no expert (slot_bound_kernel): y = b2, reported by the host.
+  const int cnt = *b.slot_overflow != 0 ? 0 : b.counts[t];
   const index_t base = t * max_k;
   for (int c = static_cast<int>(threadIdx.x); c < d; c += combine_threads) {
     float acc = b2 ? to_float(b2[c]) : 0.f;

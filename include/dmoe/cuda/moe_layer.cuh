@@ -132,11 +132,12 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   double flops_per_slot() const noexcept { return spec::flops_per_slot(cfg_); }
   double router_flops_per_token() const noexcept { return spec::router_flops_per_token(cfg_); }
 
-  /// Bytes of device workspace forward needs for up to b.max_tokens tokens (max_threads and
-  /// max_slots are ignored: the device layout holds tokens * max_k strided slots). Depends on
-  /// max_k: call again after changing k or k_max. Returns 0 if the CUDA runtime cannot answer
-  /// CUB's size query (no device); throws dmoe::error(invalid_argument) when tokens * max_k
-  /// exceeds the backend's 32-bit indices or the size does not fit in size_t.
+  /// Bytes of device workspace forward needs for up to b.max_tokens tokens (max_threads is
+  /// ignored). b.max_slots (dynamic-k and top-any; 0 = tokens * max_k) bounds the rows of the
+  /// expert activations, the bulk of the memory; the index buffers keep tokens * max_k entries.
+  /// Depends on max_k: call again after changing k or k_max. Returns 0 if the CUDA runtime
+  /// cannot answer CUB's size query (no device); throws dmoe::error(invalid_argument) when
+  /// tokens * max_k exceeds the backend's 32-bit indices or the size does not fit in size_t.
   std::size_t workspace_size(const workspace_bounds& b) const {
     throw_if_error(check_tokens("moe_layer<cuda>::workspace_size", b.max_tokens));
     std::size_t sort_bytes = 0, scan_bytes = 0;
@@ -145,7 +146,8 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
              .ok())
       return 0;
     detail::carver c;
-    cuda_detail::carve_layer(c, dims(), b.max_tokens, sort_bytes, scan_bytes);
+    const index_t slots = fixed_k || b.max_slots <= 0 ? -1 : b.max_slots;
+    cuda_detail::carve_layer(c, dims(), b.max_tokens, sort_bytes, scan_bytes, slots);
     if (c.overflowed())
       detail::raisef(errc::invalid_argument, "moe_layer<cuda>::workspace_size: the workspace for %td tokens does not "
                      "fit in size_t", b.max_tokens);
@@ -159,6 +161,10 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   /// \param x (tokens, d_model) device rows of T; \param y (tokens, d_model) device rows (not aliasing x)
   /// \param ws device memory of at least workspace_size({tokens}) bytes; afterwards it holds the
   ///        plan (plan()) and the router scores (scores()) once the stream has reached that point.
+  ///        For dynamic-k and top-any the activation rows take what the workspace has room for
+  ///        (workspace_bounds::max_slots): a batch routing more slots runs no expert (y = b2)
+  ///        and is reported as errc::workspace_too_small by check_numerics() (or by this call
+  ///        when stats are given), never as a result with slots dropped silently.
   /// \param stats optional: when given, forward synchronises ctx.stream to fill it (the one
   ///        synchronising path; not for graph capture) and reports NaN router scores.
   /// Without stats nothing is waited on: a NaN router score makes that token run no expert
@@ -172,10 +178,12 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
       return {};
     }
     cuda_detail::layer_buffers b;
-    DMOE_TRY(buffers(ws, tokens, b));
+    DMOE_TRY(buffers(ws, tokens, b, true));
     cudaStream_t stream = ctx.stream;
     const int E = static_cast<int>(num_experts()), mk = static_cast<int>(max_k());
     cudaError_t err = cudaMemsetAsync(b.error_token, 0xff, sizeof(unsigned long long), stream);
+    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "moe_layer<cuda>::forward: cudaMemsetAsync");
+    err = cudaMemsetAsync(b.slot_overflow, 0, sizeof(unsigned long long), stream);
     if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "moe_layer<cuda>::forward: cudaMemsetAsync");
 
     // 1. route
@@ -191,6 +199,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
 
     // 2. dispatch
     DMOE_TRY(cuda_detail::dispatch(b, E, mk, stream));
+    if (b.slot_capacity < b.items) DMOE_TRY(cuda_detail::enforce_slot_bound(b, E, stream));
 
     // 3. experts
     DMOE_TRY((cuda_detail::run_experts<T, Activation>(x.data, x.row_stride, b, w_.experts(), cfg_.d_model,
@@ -250,19 +259,38 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     return dm;
   }
 
-  status buffers(workspace ws, index_t tokens, cuda_detail::layer_buffers& b) const noexcept {
+  /// The layout in `ws` for `tokens` tokens: as many activation rows as the workspace holds (the
+  /// device refuses a batch that needs more), the same count for the forward and for the calls
+  /// that read its results. A forward of top-k needs all tokens * k rows; reading results (plan,
+  /// scores, the error flags, whose offsets do not depend on the rows) needs only the rest.
+  status buffers(workspace ws, index_t tokens, cuda_detail::layer_buffers& b, bool forward = false) const noexcept {
     std::size_t sort_bytes = 0, scan_bytes = 0;
     DMOE_TRY(cuda_detail::cub_temp_bytes(tokens * max_k(), tokens, cuda_detail::key_bits(num_experts()), sort_bytes,
                                          scan_bytes));
-    detail::carver measure;
-    cuda_detail::carve_layer(measure, dims(), tokens, sort_bytes, scan_bytes);
-    if (ws.data == nullptr || ws.bytes < measure.bytes())
+    const auto dm = dims();
+    const auto size_for = [&](index_t slots) {
+      detail::carver m;
+      cuda_detail::carve_layer(m, dm, tokens, sort_bytes, scan_bytes, slots);
+      return m.bytes();
+    };
+    const index_t items = tokens * max_k();
+    const std::size_t full = size_for(items), least = forward && fixed_k ? full : size_for(0);
+    if (ws.data == nullptr || ws.bytes < least)
       return status::failure(errc::workspace_too_small,
                              "moe_layer<cuda>::forward: workspace has %zu bytes at %p, %td tokens need %zu "
                              "(workspace_size)",
-                             ws.bytes, ws.data, tokens, measure.bytes());
+                             ws.bytes, ws.data, tokens, full);
+    index_t slots = items;
+    if (ws.bytes < full) {  // largest row count that fits: the size grows with it
+      index_t lo = 0, hi = items;
+      while (hi - lo > 1) {
+        const index_t mid = lo + (hi - lo) / 2;
+        (size_for(mid) <= ws.bytes ? lo : hi) = mid;
+      }
+      slots = lo;
+    }
     detail::carver c(detail::carver::align(ws.data));
-    b = cuda_detail::carve_layer(c, dims(), tokens, sort_bytes, scan_bytes);
+    b = cuda_detail::carve_layer(c, dm, tokens, sort_bytes, scan_bytes, slots);
     return {};
   }
 
@@ -296,6 +324,8 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     return {};
   }
 
+
+  static constexpr bool fixed_k = detail::fixed_k_v<Policy>;
 
   moe_config cfg_;
   options_type opt_{};

@@ -16,11 +16,20 @@
 namespace dmoe::cuda_detail {
 
 /// Waits for `stream` and reports the smallest token whose router score was NaN or infinite.
+/// Also reports a batch that routed more slots than the workspace's activation rows.
 inline status read_error(cudaStream_t stream, const layer_buffers& b, const char* router_name) noexcept {
-  unsigned long long bad = 0;
+  unsigned long long bad = 0, overflow = 0;
   cudaError_t err = cudaMemcpyAsync(&bad, b.error_token, sizeof bad, cudaMemcpyDeviceToHost, stream);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(&overflow, b.slot_overflow, sizeof overflow, cudaMemcpyDeviceToHost, stream);
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
   if (err != cudaSuccess) return cuda_failure(err, "moe_layer<cuda>: reading the error flag");
+  if (overflow != 0)
+    return status::failure(errc::workspace_too_small,
+                           "moe_layer<cuda>::forward: this batch of %td tokens routed %llu slots, more than the %td "
+                           "the workspace holds, and ran no expert (raise workspace_bounds::max_slots, or split the "
+                           "batch)",
+                           b.tokens, overflow, b.slot_capacity);
   if (bad != ~0ull)
     return status::failure(errc::numerical_error,
                            "%s route: router score of token %llu is NaN or infinite (check x and the router "
