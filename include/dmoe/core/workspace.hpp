@@ -8,7 +8,6 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <initializer_list>
 #include <memory>
 #include <new>
 
@@ -145,10 +144,11 @@ struct workspace_stamp {
 };
 
 /// FNV-1a over a few integers: the layout key of a stamp.
-inline std::uint64_t layout_hash(std::initializer_list<index_t> values) noexcept {
+inline std::uint64_t layout_hash(const index_t* values, std::size_t count) noexcept {
   std::uint64_t h = 1469598103934665603ull;
-  for (index_t v : values)
+  for (std::size_t k = 0; k < count; ++k)
     for (int i = 0; i < 8; ++i) {
+      const index_t v = values[k];
       h ^= (static_cast<std::uint64_t>(v) >> (8 * i)) & 0xffu;
       h *= 1099511628211ull;
     }

@@ -250,13 +250,15 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
 
   detail::workspace_stamp stamp(index_t tokens, index_t slots, std::uint64_t state) const noexcept {
     const auto dm = dims();
-    return detail::workspace_stamp{detail::workspace_stamp::magic_value,
-                                   id_.value(),
-                                   detail::layout_hash({dm.d, dm.E, dm.n, dm.f, dm.max_k, dm.router_hidden,
-                                                        index_t(sizeof(T))}),
-                                   static_cast<std::uint64_t>(tokens),
-                                   static_cast<std::uint64_t>(slots),
-                                   state};
+    const index_t key[] = {dm.d, dm.E, dm.n, dm.f, dm.max_k, dm.router_hidden, index_t(sizeof(T))};
+    detail::workspace_stamp s;
+    s.magic = detail::workspace_stamp::magic_value;
+    s.layer = id_.value();
+    s.layout = detail::layout_hash(key, sizeof key / sizeof key[0]);
+    s.tokens = static_cast<std::uint64_t>(tokens);
+    s.slots = static_cast<std::uint64_t>(slots);
+    s.state = state;
+    return s;
   }
 
   /// The forward state in `ws`, verified: it must hold a completed forward of this layer object

@@ -17,7 +17,10 @@ namespace dmoe::cpu_detail {
 inline constexpr index_t rows_per_task = 128;
 
 /// Tasks covering `rows` rows, rows_per_task at a time.
-inline constexpr index_t task_count(index_t rows) noexcept { return (rows + rows_per_task - 1) / rows_per_task; }
+/// (Written so that it cannot overflow: layouts size absurd slot counts before refusing them.)
+inline constexpr index_t task_count(index_t rows) noexcept {
+  return rows / rows_per_task + (rows % rows_per_task != 0 ? 1 : 0);
+}
 
 /// Per-worker scratch: a slice per worker id, each 64-byte aligned.
 template <class T>

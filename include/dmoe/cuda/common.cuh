@@ -126,8 +126,22 @@ template <class T>
 class device_array {
  public:
   device_array() = default;
+  /// Throws dmoe::error(out_of_memory) naming the bytes when the device has not got them.
   explicit device_array(std::size_t count) : count_(count) {
-    if (count > 0) cuda_detail::throw_on_cuda(cudaMalloc(reinterpret_cast<void**>(&ptr_), count * sizeof(T)), "device_array: cudaMalloc");
+    if (count == 0) return;
+    if (count > static_cast<std::size_t>(-1) / sizeof(T))
+      detail::raisef(errc::invalid_argument, "device_array: %zu elements of %zu bytes do not fit in size_t", count,
+                     sizeof(T));
+    const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&ptr_), count * sizeof(T));
+    if (e == cudaErrorMemoryAllocation) {
+      (void)cudaGetLastError();  // not sticky: clear it so later calls are unaffected
+      ptr_ = nullptr;
+      count_ = 0;
+      detail::raisef(errc::out_of_memory, "device_array: cudaMalloc of %zu bytes failed (out of device memory)",
+                     count * sizeof(T));
+    }
+    if (e != cudaSuccess) count_ = 0;
+    cuda_detail::throw_on_cuda(e, "device_array: cudaMalloc");
   }
   device_array(const device_array&) = delete;
   device_array& operator=(const device_array&) = delete;

@@ -84,6 +84,26 @@ __global__ void tile_offsets_kernel(layer_buffers b, int E) {
   scan_tiles(b.expert_offsets, E, b.tile_offsets);
 }
 
+/// The slot bound (dynamic-k and top-any with fewer activation rows than tokens * max_k): when
+/// the batch routed more slots than the rows, records how many in slot_overflow and empties the
+/// tile list, so the GEMMs write nothing and the combine gives y = b2; the host reports it
+/// (read_error). One thread.
+template <class = void>
+__global__ void slot_bound_kernel(layer_buffers b, int E) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const std::int32_t nnz = b.expert_offsets[E];
+  if (nnz <= b.slot_capacity) return;
+  *b.slot_overflow = static_cast<unsigned long long>(nnz);
+  for (int e = 0; e <= E; ++e) b.tile_offsets[e] = 0;
+}
+
+inline status enforce_slot_bound(layer_buffers& b, int E, cudaStream_t stream) noexcept {
+  slot_bound_kernel<><<<1, 32, 0, stream>>>(b, E);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return cuda_failure(e, "slot_bound_kernel launch");
+  return {};
+}
+
 /// k histogram of the statistics (shared-memory counts: integer sums, order-free). One block.
 template <class = void>
 __global__ void __launch_bounds__(single_block_threads) k_histogram_kernel(layer_buffers b, int E) {

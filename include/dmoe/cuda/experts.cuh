@@ -17,6 +17,7 @@
 
 #include <mma.h>
 
+#include "../experts/activation.hpp"
 #include "common.cuh"
 
 namespace dmoe::cuda_detail {
@@ -312,21 +313,54 @@ cudaError_t grouped_gemm(const gemm_args<T>& g, index_t grid, cudaStream_t strea
   return cudaGetLastError();
 }
 
-/// y[t] = b2 + sum over t's slots in slot order (ascending expert id) of w_s out[slot_row[s]]:
-/// a gather-sum, one block per token, fp32 accumulation, no atomics.
+/// A layer's expert weights on the device (storage type T); null biases when absent.
 template <class T>
-__global__ void __launch_bounds__(combine_threads)
-    combine_kernel(layer_buffers b, const T* __restrict__ out, const T* __restrict__ b2, T* __restrict__ y, index_t ldy,
-                   int d, int max_k) {
-  const index_t t = blockIdx.x;
-  const int cnt = b.counts[t];
-  const index_t base = t * max_k;
-  for (int c = static_cast<int>(threadIdx.x); c < d; c += combine_threads) {
-    float acc = b2 ? to_float(b2[c]) : 0.f;
-    for (int i = 0; i < cnt; ++i)
-      acc = fmaf(b.slot_weight[base + i], to_float(out[static_cast<index_t>(b.slot_row[base + i]) * d + c]), acc);
-    y[t * ldy + c] = from_float<T>(acc);
-  }
+struct expert_params {
+  const T* w1 = nullptr;   ///< (E, d x f n) column-major per expert
+  const T* b1 = nullptr;   ///< (E, f n)
+  const T* w2 = nullptr;   ///< (E, n x d) column-major per expert
+  const T* b2e = nullptr;  ///< (E, d)
+};
+
+/// Enqueues both grouped GEMMs over the dispatched rows: hidden = act(x[sorted] W1_e + b1_e),
+/// out = hidden W2_e + b2_e (the CPU side's cpu/experts.hpp run_experts).
+template <class T, class Act>
+status run_experts(const T* x, index_t ldx, const layer_buffers& b, const expert_params<T>& w, index_t d, index_t n,
+                   int E, int sm_count, cudaStream_t stream) noexcept {
+  const index_t fn = width_factor<Act> * n;
+  const index_t m_tiles = max_m_tiles(b.items, E);
+  gemm_args<T> g1;
+  g1.a = x;
+  g1.lda = ldx;
+  g1.gather = b.sorted_token;
+  g1.w = w.w1;
+  g1.w_expert_stride = d * fn;
+  g1.bias = w.b1;
+  g1.bias_expert_stride = fn;
+  g1.out = reinterpret_cast<T*>(b.hidden);
+  g1.K = static_cast<int>(d);
+  g1.N = static_cast<int>(n);
+  g1.E = E;
+  g1.expert_offsets = b.expert_offsets;
+  g1.tile_offsets = b.tile_offsets;
+  g1.vec = vector_loads_ok<T>(g1.a, g1.lda, g1.w, g1.w_expert_stride, g1.K);
+  cudaError_t err = grouped_gemm<T, Act, gemm_stage::first>(g1, persistent_grid(m_tiles * n_tiles(n), sm_count), stream);
+  if (err != cudaSuccess) return cuda_failure(err, "grouped GEMM 1 launch");
+  gemm_args<T> g2 = g1;
+  g2.a = reinterpret_cast<const T*>(b.hidden);
+  g2.lda = n;
+  g2.gather = nullptr;
+  g2.w = w.w2;
+  g2.w_expert_stride = n * d;
+  g2.bias = w.b2e;
+  g2.bias_expert_stride = d;
+  g2.out = reinterpret_cast<T*>(b.out);
+  g2.K = static_cast<int>(n);
+  g2.N = static_cast<int>(d);
+  g2.vec = vector_loads_ok<T>(g2.a, g2.lda, g2.w, g2.w_expert_stride, g2.K);
+  err = grouped_gemm<T, Act, gemm_stage::second>(g2, persistent_grid(m_tiles * n_tiles(d), sm_count), stream);
+  if (err != cudaSuccess) return cuda_failure(err, "grouped GEMM 2 launch");
+  return {};
 }
 
 }  // namespace dmoe::cuda_detail

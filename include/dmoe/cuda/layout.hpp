@@ -142,6 +142,8 @@ struct layer_buffers {
   index_t items = 0;  ///< tokens * max_k: the strided slot layout, the sort length
   // routing
   unsigned long long* error_token = nullptr;  ///< (1) smallest token with a NaN score, or ~0
+  unsigned long long* slot_overflow = nullptr;  ///< (1) 0, or the slots a batch routed beyond slot_capacity
+  index_t slot_capacity = 0;                  ///< rows `hidden` and `out` hold (<= items)
   float* scores = nullptr;                    ///< (tokens, E) p / r / cos
   float* router_hidden = nullptr;             ///< (tokens, router_hidden) ReLU(x Wa)
   std::int32_t* counts = nullptr;             ///< (tokens + 1) experts per token, last entry 0
@@ -161,9 +163,9 @@ struct layer_buffers {
   std::int32_t* expert_offsets = nullptr;  ///< (E + 1) first sorted row of each expert
   std::int32_t* tile_offsets = nullptr;    ///< (E + 1) first M-tile of each expert
   std::int32_t* k_histogram = nullptr;     ///< (E + 1) statistics: tokens that ran k experts
-  // experts
-  std::byte* hidden = nullptr;  ///< (items, n) T: act(x W1 + b1) per sorted row
-  std::byte* out = nullptr;     ///< (items, d) T: expert output per sorted row (b2_e included)
+  // experts (last in the layout, so that every other offset is independent of slot_capacity)
+  std::byte* hidden = nullptr;  ///< (slot_capacity, n) T: act(x W1 + b1) per sorted row
+  std::byte* out = nullptr;     ///< (slot_capacity, d) T: expert output per sorted row (b2_e included)
   // CUB temporaries
   void* sort_temp = nullptr;
   std::size_t sort_temp_bytes = 0;
@@ -173,20 +175,26 @@ struct layer_buffers {
 
 /// The one layout routine: with a measuring carver it gives the size, with a real base the
 /// pointers (so workspace_size and forward cannot disagree). CUB's temporary sizes come from the
-/// caller (they are asked of CUB on the host for exactly these item counts).
+/// caller (they are asked of CUB on the host for exactly these item counts). `slots` bounds the
+/// rows of the expert activations (the bulk of the memory: n + d values per slot); negative
+/// means all tokens * max_k. Index buffers keep the strided tokens * max_k layout.
 inline layer_buffers carve_layer(detail::carver& c, const layer_dims& dm, index_t tokens, std::size_t sort_temp_bytes,
-                                 std::size_t scan_temp_bytes) noexcept {
+                                 std::size_t scan_temp_bytes, index_t slots = -1) noexcept {
   layer_buffers b;
-  const index_t items = tokens * dm.max_k;
+  // Sizes through the carver's checked arithmetic: an overflow marks the layout, and the
+  // layer refuses it (check_tokens bounds tokens * max_k to int32 before this runs).
+  const index_t items = c.mul(tokens, dm.max_k);
+  const index_t tokens1 = c.add(tokens, 1);
   b.tokens = tokens;
   b.items = items;
   b.error_token = c.take<unsigned long long>(1);
-  b.scores = c.take<float>(tokens * dm.E);
-  b.router_hidden = c.take<float>(tokens * dm.router_hidden);
-  b.counts = c.take<std::int32_t>(tokens + 1);
+  b.slot_overflow = c.take<unsigned long long>(1);
+  b.scores = c.take<float>(c.mul(tokens, dm.E));
+  b.router_hidden = c.take<float>(c.mul(tokens, dm.router_hidden));
+  b.counts = c.take<std::int32_t>(tokens1);
   b.slot_expert = c.take<std::int32_t>(items);
   b.slot_weight = c.take<float>(items);
-  b.token_offsets = c.take<index_t>(tokens + 1);
+  b.token_offsets = c.take<index_t>(tokens1);
   b.plan_expert = c.take<std::int32_t>(items);
   b.plan_weight = c.take<float>(items);
   b.sort_keys = c.take<std::int32_t>(items);
@@ -198,12 +206,13 @@ inline layer_buffers carve_layer(detail::carver& c, const layer_dims& dm, index_
   b.expert_offsets = c.take<std::int32_t>(dm.E + 1);
   b.tile_offsets = c.take<std::int32_t>(dm.E + 1);
   b.k_histogram = c.take<std::int32_t>(dm.E + 1);
-  b.hidden = c.take<std::byte>(items * dm.n * dm.storage_bytes);
-  b.out = c.take<std::byte>(items * dm.d * dm.storage_bytes);
   b.sort_temp_bytes = sort_temp_bytes;
   b.sort_temp = c.take<std::byte>(static_cast<index_t>(sort_temp_bytes));
   b.scan_temp_bytes = scan_temp_bytes;
   b.scan_temp = c.take<std::byte>(static_cast<index_t>(scan_temp_bytes));
+  b.slot_capacity = slots < 0 || slots > items ? items : slots;
+  b.hidden = c.take<std::byte>(c.mul(b.slot_capacity, dm.n, dm.storage_bytes));
+  b.out = c.take<std::byte>(c.mul(b.slot_capacity, dm.d, dm.storage_bytes));
   return b;
 }
 

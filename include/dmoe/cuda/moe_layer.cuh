@@ -5,17 +5,20 @@
 /// The dmoe::cuda specialisation of moe_layer: weights in device memory, work on the caller's
 /// stream, storage float / __half / __nv_bfloat16 with fp32 accumulation and fp32 router math.
 ///
-/// forward(x) enqueues, with no allocation and no host synchronisation:
-///  1. route: router products (fp32), the per-token rule of routing/selection.hpp (one warp per
-///     token), selections written at stride max_k with radix keys (expert id | sentinel E);
-///     a CUB exclusive scan of the counts and a compaction give the CPU backend's plan layout;
-///  2. dispatch: stable expert-major order over all tokens * max_k strided slots (CUB radix sort,
-///     or a one-block counting sort for decode sizes), expert offsets, M-tile offsets;
-///  3. experts: two grouped GEMMs on tensor cores (experts.cuh), persistent grid sized on the host
+/// This file holds the public API and the orchestration; the work is in rooms that mirror cpu/
+/// (docs/design.md). forward(x) enqueues, with no allocation and no host synchronisation:
+///  1. route (route.cuh): router products (fp32), the per-token rule of routing/selection.hpp
+///     (one warp per token, the policy a template argument), selections written at stride max_k
+///     with radix keys (expert id | sentinel E); a CUB exclusive scan of the counts and a
+///     compaction give the CPU backend's plan layout;
+///  2. dispatch (dispatch.cuh): stable expert-major order over all tokens * max_k strided slots
+///     (CUB radix sort, or a one-block counting sort for decode sizes), expert and M-tile offsets;
+///  3. experts (experts.cuh): two grouped GEMMs on tensor cores, persistent grid sized on the host
 ///     from worst-case bounds, tile list read on the device;
-///  4. combine: per token, y = b2 + sum over its slots in slot order of w_s out[slot].
-/// Every buffer size comes from the token count and the layer shape (layout.hpp), so the sequence
-/// can be captured in a CUDA graph and replayed.
+///  4. combine (combine.cuh): per token, y = b2 + sum over its slots in slot order of w_s out.
+/// Buffers: layout.hpp; device parameters: weights.cuh; statistics and the NaN flag (the synchronising paths): stats.cuh; checks
+/// and FLOPs shared with the CPU backend: layer/spec.hpp. Every buffer size comes from the token
+/// count and the layer shape, so the sequence can be captured in a CUDA graph and replayed.
 
 #include <cmath>
 #include <cstdint>
@@ -28,16 +31,20 @@
 #include "../core/status.hpp"
 #include "../core/views.hpp"
 #include "../core/workspace.hpp"
-#include "../cpu/moe_layer.hpp"
 #include "../experts/activation.hpp"
+#include "../experts/expert_weights.hpp"
 #include "../layer/moe_layer.hpp"
+#include "../layer/spec.hpp"
 #include "../routing/plan.hpp"
 #include "../routing/routers.hpp"
 #include "../routing/stats.hpp"
+#include "combine.cuh"
 #include "common.cuh"
 #include "dispatch.cuh"
 #include "experts.cuh"
 #include "route.cuh"
+#include "stats.cuh"
+#include "weights.cuh"
 
 namespace dmoe {
 
@@ -52,6 +59,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   static_assert(is_cuda_storage_v<T>,
                 "dmoe::moe_layer<T, dmoe::cuda, ...>: T must be float, __half or __nv_bfloat16 (storage type; "
                 "accumulation is fp32)");
+  using spec = detail::layer_spec<Policy, Activation, Experts, Width>;
 
  public:
   using scalar_type = T;
@@ -59,26 +67,31 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   using policy_type = Policy;
   using activation_type = Activation;
   using options_type = typename Policy::options;
-  /// The CPU layer whose weights copy_from uploads.
+  /// The host router whose parameters copy_from uploads.
+  using router_type = typename Policy::template router<float>;
+  /// The CPU layer whose weights copy_from uploads. Only named here (cuda/ does not include
+  /// cpu/): the constructor and copy_from below are instantiated where a CPU layer is passed,
+  /// and the caller has included cpu/moe_layer.hpp (or dmoe.hpp) to make one.
   using cpu_layer_type = moe_layer<float, cpu, Policy, Activation, Experts, Width>;
 
   /// Zero weights on the current device. Throws dmoe::error on a bad configuration (naming the
   /// field), without a device, on a device older than sm_80, or when allocation fails.
-  moe_layer(const moe_config& cfg, const options_type& opt) : cfg_(cfg) {
-    // The CPU layer type validates config and options with the CPU backend's messages; a router
-    // of the policy (small) holds the validated options.
-    validate(cfg, opt);
+  moe_layer(const moe_config& cfg, const options_type& opt) : cfg_(spec::checked_config(cfg, detail::cuda_limits)) {
+    spec::check_options(cfg_, opt);
     opt_ = opt;
-    init_device();
-    allocate();
+    sm_count_ = cuda_detail::current_device_sm_count();
+    w_.allocate(cfg_);
   }
   /// Copies the weights of a CPU layer of the same policy, activation and shape.
   explicit moe_layer(const cpu_layer_type& src) : moe_layer(src.config(), src.router().options()) { copy_from(src); }
 
   /// Uploads weights and router options from a CPU layer (cold path: converts on the host and
   /// copies synchronously). Weights are rounded to T; router parameters stay fp32.
-  void copy_from(const cpu_layer_type& src) {
-    const moe_config& c = src.config();
+  void copy_from(const cpu_layer_type& src) { copy_from(src.config(), src.experts(), src.router()); }
+
+  /// Uploads host experts and router of a layer with configuration `c` (the same shape as this
+  /// one): what copy_from(cpu layer) does, from the parts.
+  void copy_from(const moe_config& c, const expert_weights<float>& ex, const router_type& r) {
     if (c.d_model != cfg_.d_model || c.num_experts != cfg_.num_experts || c.expert_width != cfg_.expert_width ||
         c.hidden_bias != cfg_.hidden_bias || c.expert_bias != cfg_.expert_bias || c.output_bias != cfg_.output_bias ||
         (std::is_same_v<Policy, dynamic_k> && c.router_hidden != cfg_.router_hidden))
@@ -86,72 +99,26 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
                      "moe_layer<cuda>::copy_from: source config (d_model %td, experts %td, width %td) differs from "
                      "this layer's (%td, %td, %td) or in its bias flags / router_hidden",
                      c.d_model, c.num_experts, c.expert_width, cfg_.d_model, cfg_.num_experts, cfg_.expert_width);
-    const auto& ex = src.experts();
-    upload_converted(w1_, ex.w1_storage());
-    upload_converted(b1_, ex.b1_storage());
-    upload_converted(w2_, ex.w2_storage());
-    upload_converted(b2e_, ex.expert_bias_storage());
-    upload_converted(b2_, ex.output_bias_storage());
-    const auto& r = src.router();
+    if (ex.shape() != expert_shape{cfg_.d_model, cfg_.num_experts, cfg_.expert_width, Activation::gated,
+                                   cfg_.hidden_bias, cfg_.expert_bias, cfg_.output_bias})
+      detail::raisef(errc::invalid_argument, "moe_layer<cuda>::copy_from: the experts' shape differs from the config");
+    if (r.d_model() != cfg_.d_model || r.num_experts() != cfg_.num_experts)
+      detail::raisef(errc::invalid_argument,
+                     "moe_layer<cuda>::copy_from: router is (d_model %td, %td experts), the layer (%td, %td)",
+                     r.d_model(), r.num_experts(), cfg_.d_model, cfg_.num_experts);
+    w_.upload(ex, r);
     opt_ = r.options();
-    if constexpr (std::is_same_v<Policy, top_k>) {
-      router_w_.upload(r.weight().data(), static_cast<std::size_t>(r.weight().size()));
-      router_b_.upload(r.bias().data(), static_cast<std::size_t>(r.bias().size()));
-    } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
-      router_w_.upload(r.w_in().data(), static_cast<std::size_t>(r.w_in().size()));
-      router_w2_.upload(r.w_out().data(), static_cast<std::size_t>(r.w_out().size()));
-    } else {
-      router_w_.upload(r.weight().data(), static_cast<std::size_t>(r.weight().size()));
-      router_b_.upload(r.threshold().data(), static_cast<std::size_t>(r.threshold().size()));
-      std::vector<float> norms(static_cast<std::size_t>(num_experts()));
-      for (index_t e = 0; e < num_experts(); ++e)
-        norms[static_cast<std::size_t>(e)] = (std::max)(r.weight().col(e).norm(), top_any_router<float>::norm_eps);
-      expert_norm_.upload(norms);
-      active_.upload(r.active());
-      num_active_ = r.num_active();
-    }
   }
 
   /// Seeded random weights generated on the device: uniform(+-1/sqrt(fan_in)) for expert weights
   /// and biases and for the router (top_any: thresholds 0, all slots active). Not the CPU
   /// layer's sequence (use copy_from to compare backends); for benchmarks, where uploading a
   /// large layer from the host would dominate. Cold path: synchronises the device.
-  void randomize(std::uint64_t seed) {
-    const float a1 = 1.f / std::sqrt(float(cfg_.d_model)), a2 = 1.f / std::sqrt(float(cfg_.expert_width));
-    cuda_detail::fill_uniform(w1_.data(), w1_.size(), seed ^ 0x1ull, a1);
-    cuda_detail::fill_uniform(b1_.data(), b1_.size(), seed ^ 0x2ull, a1);
-    cuda_detail::fill_uniform(w2_.data(), w2_.size(), seed ^ 0x3ull, a2);
-    cuda_detail::fill_uniform(b2e_.data(), b2e_.size(), seed ^ 0x4ull, a2);
-    cuda_detail::fill_uniform(b2_.data(), b2_.size(), seed ^ 0x5ull, a2);
-    cuda_detail::fill_uniform(router_w_.data(), router_w_.size(), seed ^ 0x6ull, a1);
-    if constexpr (std::is_same_v<Policy, dynamic_k>)
-      cuda_detail::fill_uniform(router_w2_.data(), router_w2_.size(), seed ^ 0x7ull,
-                                1.f / std::sqrt(float(cfg_.router_hidden)));
-    if constexpr (std::is_same_v<Policy, top_k>)
-      cuda_detail::throw_on_cuda(cudaMemset(router_b_.data(), 0, router_b_.size() * sizeof(float)), "cudaMemset");
-    if constexpr (std::is_same_v<Policy, top_any>) {
-      cuda_detail::throw_on_cuda(cudaMemset(router_b_.data(), 0, router_b_.size() * sizeof(float)), "cudaMemset");
-      const std::vector<float> w = router_w_.download();  // (d, E) column-major: small
-      std::vector<float> norms(static_cast<std::size_t>(num_experts()));
-      for (index_t e = 0; e < num_experts(); ++e) {
-        double sq = 0;
-        for (index_t i = 0; i < cfg_.d_model; ++i) {
-          const double v = w[static_cast<std::size_t>(e * cfg_.d_model + i)];
-          sq += v * v;
-        }
-        norms[static_cast<std::size_t>(e)] = (std::max)(float(std::sqrt(sq)), top_any_router<float>::norm_eps);
-      }
-      expert_norm_.upload(norms);
-      active_.upload(std::vector<std::uint8_t>(norms.size(), std::uint8_t{1}));
-      num_active_ = num_experts();
-    }
-    // The router-bias cudaMemset may still be in flight (see allocate()).
-    cuda_detail::throw_on_cuda(cudaStreamSynchronize(nullptr), "moe_layer<cuda>::randomize: cudaStreamSynchronize");
-  }
+  void randomize(std::uint64_t seed) { w_.randomize(cfg_, seed); }
 
-  /// Validates and applies router options (as the CPU router's set_options).
+  /// Validates and applies router options (the CPU router's rules and messages, routing/options.hpp).
   void set_options(const options_type& opt) {
-    validate(cfg_, opt);
+    spec::check_options(cfg_, opt);
     opt_ = opt;
   }
   const options_type& options() const noexcept { return opt_; }
@@ -161,39 +128,32 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   index_t num_experts() const noexcept { return cfg_.num_experts; }
   index_t expert_width() const noexcept { return cfg_.expert_width; }
   /// Most experts one token can get under the current options.
-  index_t max_k() const noexcept {
-    if constexpr (std::is_same_v<Policy, top_k>)
-      return opt_.k;
-    else if constexpr (std::is_same_v<Policy, dynamic_k>)
-      return opt_.k_max > 0 ? opt_.k_max : num_experts();
-    else
-      return num_experts();
-  }
-  double flops_per_slot() const noexcept {
-    return 2.0 * double(cfg_.d_model) * double(cfg_.expert_width) * (Activation::gated ? 3.0 : 2.0);
-  }
-  double router_flops_per_token() const noexcept {
-    const double d = double(cfg_.d_model), E = double(num_experts());
-    if constexpr (std::is_same_v<Policy, dynamic_k>)
-      return 2.0 * d * double(cfg_.router_hidden) + 2.0 * double(cfg_.router_hidden) * E;
-    else
-      return 2.0 * d * E;
-  }
+  index_t max_k() const noexcept { return spec::max_k(cfg_, opt_); }
+  double flops_per_slot() const noexcept { return spec::flops_per_slot(cfg_); }
+  double router_flops_per_token() const noexcept { return spec::router_flops_per_token(cfg_); }
 
   /// Bytes of device workspace forward needs for up to b.max_tokens tokens (max_threads is
-  /// ignored). Depends on max_k: call again after changing k or k_max. Returns 0 if the CUDA
-  /// runtime cannot answer CUB's size query (no device).
-  std::size_t workspace_size(const workspace_bounds& b) const noexcept {
+  /// ignored). b.max_slots (dynamic-k and top-any; 0 = tokens * max_k) bounds the rows of the
+  /// expert activations, the bulk of the memory; the index buffers keep tokens * max_k entries.
+  /// Depends on max_k: call again after changing k or k_max. Returns 0 if the CUDA runtime
+  /// cannot answer CUB's size query (no device); throws dmoe::error(invalid_argument) when
+  /// tokens * max_k exceeds the backend's 32-bit indices or the size does not fit in size_t.
+  std::size_t workspace_size(const workspace_bounds& b) const {
+    throw_if_error(check_tokens("moe_layer<cuda>::workspace_size", b.max_tokens));
     std::size_t sort_bytes = 0, scan_bytes = 0;
     if (!cuda_detail::cub_temp_bytes(b.max_tokens * max_k(), b.max_tokens, cuda_detail::key_bits(num_experts()),
                                      sort_bytes, scan_bytes)
              .ok())
       return 0;
     detail::carver c;
-    cuda_detail::carve_layer(c, dims(), b.max_tokens, sort_bytes, scan_bytes);
+    const index_t slots = fixed_k || b.max_slots <= 0 ? -1 : b.max_slots;
+    cuda_detail::carve_layer(c, dims(), b.max_tokens, sort_bytes, scan_bytes, slots);
+    if (c.overflowed())
+      detail::raisef(errc::invalid_argument, "moe_layer<cuda>::workspace_size: the workspace for %td tokens does not "
+                     "fit in size_t", b.max_tokens);
     return c.bytes();
   }
-  std::size_t workspace_size(const context<cuda>&, index_t max_tokens) const noexcept {
+  std::size_t workspace_size(const context<cuda>&, index_t max_tokens) const {
     return workspace_size(workspace_bounds{max_tokens, 1});
   }
 
@@ -201,6 +161,10 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   /// \param x (tokens, d_model) device rows of T; \param y (tokens, d_model) device rows (not aliasing x)
   /// \param ws device memory of at least workspace_size({tokens}) bytes; afterwards it holds the
   ///        plan (plan()) and the router scores (scores()) once the stream has reached that point.
+  ///        For dynamic-k and top-any the activation rows take what the workspace has room for
+  ///        (workspace_bounds::max_slots): a batch routing more slots runs no expert (y = b2)
+  ///        and is reported as errc::workspace_too_small by check_numerics() (or by this call
+  ///        when stats are given), never as a result with slots dropped silently.
   /// \param stats optional: when given, forward synchronises ctx.stream to fill it (the one
   ///        synchronising path; not for graph capture) and reports NaN router scores.
   /// Without stats nothing is waited on: a NaN router score makes that token run no expert
@@ -214,15 +178,17 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
       return {};
     }
     cuda_detail::layer_buffers b;
-    DMOE_TRY(buffers(ws, tokens, b));
+    DMOE_TRY(buffers(ws, tokens, b, true));
     cudaStream_t stream = ctx.stream;
     const int E = static_cast<int>(num_experts()), mk = static_cast<int>(max_k());
-    const index_t d = cfg_.d_model, n = expert_width(), fn = width_factor<Activation> * n;
     cudaError_t err = cudaMemsetAsync(b.error_token, 0xff, sizeof(unsigned long long), stream);
+    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "moe_layer<cuda>::forward: cudaMemsetAsync");
+    err = cudaMemsetAsync(b.slot_overflow, 0, sizeof(unsigned long long), stream);
     if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "moe_layer<cuda>::forward: cudaMemsetAsync");
 
     // 1. route
-    DMOE_TRY(route(x, b, stream));
+    DMOE_TRY(cuda_detail::route<Policy>(x.data, x.row_stride, tokens, cfg_.d_model, num_experts(), max_k(), opt_,
+                                        w_.router(), b, stream));
     std::size_t scan_bytes = b.scan_temp_bytes;
     err = cub::DeviceScan::ExclusiveSum(b.scan_temp, scan_bytes, b.counts, b.token_offsets,
                                         static_cast<int>(tokens + 1), stream);
@@ -233,51 +199,19 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
 
     // 2. dispatch
     DMOE_TRY(cuda_detail::dispatch(b, E, mk, stream));
+    if (b.slot_capacity < b.items) DMOE_TRY(cuda_detail::enforce_slot_bound(b, E, stream));
 
     // 3. experts
-    T* hidden = reinterpret_cast<T*>(b.hidden);
-    T* out = reinterpret_cast<T*>(b.out);
-    const index_t m_tiles = cuda_detail::max_m_tiles(b.items, E);
-    cuda_detail::gemm_args<T> g1;
-    g1.a = x.data;
-    g1.lda = x.row_stride;
-    g1.gather = b.sorted_token;
-    g1.w = w1_.data();
-    g1.w_expert_stride = d * fn;
-    g1.bias = b1_.empty() ? nullptr : b1_.data();
-    g1.bias_expert_stride = fn;
-    g1.out = hidden;
-    g1.K = static_cast<int>(d);
-    g1.N = static_cast<int>(n);
-    g1.E = E;
-    g1.expert_offsets = b.expert_offsets;
-    g1.tile_offsets = b.tile_offsets;
-    g1.vec = cuda_detail::vector_loads_ok<T>(g1.a, g1.lda, g1.w, g1.w_expert_stride, g1.K);
-    err = cuda_detail::grouped_gemm<T, Activation, cuda_detail::gemm_stage::first>(
-        g1, cuda_detail::persistent_grid(m_tiles * cuda_detail::n_tiles(n), sm_count_), stream);
-    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "grouped GEMM 1 launch");
-    cuda_detail::gemm_args<T> g2 = g1;
-    g2.a = hidden;
-    g2.lda = n;
-    g2.gather = nullptr;
-    g2.w = w2_.data();
-    g2.w_expert_stride = n * d;
-    g2.bias = b2e_.empty() ? nullptr : b2e_.data();
-    g2.bias_expert_stride = d;
-    g2.out = out;
-    g2.K = static_cast<int>(n);
-    g2.N = static_cast<int>(d);
-    g2.vec = cuda_detail::vector_loads_ok<T>(g2.a, g2.lda, g2.w, g2.w_expert_stride, g2.K);
-    err = cuda_detail::grouped_gemm<T, Activation, cuda_detail::gemm_stage::second>(
-        g2, cuda_detail::persistent_grid(m_tiles * cuda_detail::n_tiles(d), sm_count_), stream);
-    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "grouped GEMM 2 launch");
+    DMOE_TRY((cuda_detail::run_experts<T, Activation>(x.data, x.row_stride, b, w_.experts(), cfg_.d_model,
+                                                      expert_width(), E, sm_count_, stream)));
 
     // 4. combine
-    cuda_detail::combine_kernel<T><<<static_cast<unsigned>(tokens), cuda_detail::combine_threads, 0, stream>>>(
-        b, out, b2_.empty() ? nullptr : b2_.data(), y.data, y.row_stride, static_cast<int>(d), mk);
-    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_detail::cuda_failure(err, "combine_kernel launch");
+    DMOE_TRY(cuda_detail::combine<T>(b, reinterpret_cast<const T*>(b.out), w_.output_bias(), y.data,
+                                     y.row_stride, tokens, cfg_.d_model, mk, stream));
 
-    if (stats) DMOE_TRY(read_stats(ctx, b, *stats));
+    if (stats)
+      DMOE_TRY(cuda_detail::read_stats(stream, b, E, router_type::name, flops_per_slot(), router_flops_per_token(),
+                                       *stats));
     return {};
   }
 
@@ -287,7 +221,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     if (tokens <= 0) return {};
     cuda_detail::layer_buffers b;
     DMOE_TRY(buffers(ws, tokens, b));
-    return read_error(ctx, b);
+    return cuda_detail::read_error(ctx.stream, b, router_type::name);
   }
 
   /// The routing plan a forward on `tokens` tokens left in `ws` (device pointers; read it after
@@ -309,91 +243,9 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
  private:
   using experts_extent = detail::extent_value<Experts>;
   using width_extent = detail::extent_value<Width>;
-  using router_type = typename Policy::template router<float>;
 
-  static void validate(const moe_config& c, const options_type& opt) {
-    if (c.d_model <= 0)
-      detail::raisef(errc::invalid_argument, "moe_layer<cuda>: config.d_model must be positive, got %td", c.d_model);
-    if (!experts_extent::accepts(c.num_experts) || c.num_experts > INT32_MAX - 1)
-      detail::raisef(errc::invalid_argument,
-                     "moe_layer<cuda>: config.num_experts = %td does not fit the layer's Experts extent (%s)",
-                     c.num_experts, Experts == dynamic_extent ? "dynamic: must be in [1, 2^31 - 1)" : "static");
-    if (!width_extent::accepts(c.expert_width) || c.expert_width > INT32_MAX / 2)
-      detail::raisef(errc::invalid_argument,
-                     "moe_layer<cuda>: config.expert_width = %td does not fit the layer's Width extent (%s)",
-                     c.expert_width, Width == dynamic_extent ? "dynamic: must be positive" : "static");
-    if (c.d_model > INT32_MAX)
-      detail::raisef(errc::invalid_argument, "moe_layer<cuda>: config.d_model = %td exceeds 2^31 - 1", c.d_model);
-    if (std::is_same_v<Policy, dynamic_k> && c.router_hidden <= 0)
-      detail::raisef(errc::invalid_argument, "moe_layer<cuda>: config.router_hidden must be positive, got %td",
-                     c.router_hidden);
-    // The CPU router's checks and messages for the options (k, tau, k_max); it is small.
-    if constexpr (std::is_same_v<Policy, dynamic_k>)
-      (void)router_type(c.d_model, c.num_experts, opt, c.router_hidden);
-    else
-      (void)router_type(c.d_model, c.num_experts, opt);
-  }
 
-  void init_device() {
-    int dev = 0, major = 0;
-    cuda_detail::throw_on_cuda(cudaGetDevice(&dev), "moe_layer<cuda>: cudaGetDevice (is there a CUDA device?)");
-    cuda_detail::throw_on_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
-                               "moe_layer<cuda>: cudaDeviceGetAttribute");
-    if (major < 8)
-      detail::raisef(errc::unsupported,
-                     "moe_layer<cuda>: device %d has compute capability %d.x; the CUDA backend needs sm_80 or newer",
-                     dev, major);
-    int sms = 0;
-    cuda_detail::throw_on_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
-                               "moe_layer<cuda>: cudaDeviceGetAttribute");
-    sm_count_ = sms;
-  }
 
-  void allocate() {
-    const auto sz = [](index_t v) { return static_cast<std::size_t>(v); };
-    const index_t d = cfg_.d_model, E = cfg_.num_experts, n = cfg_.expert_width, fn = width_factor<Activation> * n;
-    w1_ = device_array<T>(sz(E * d * fn));
-    b1_ = device_array<T>(cfg_.hidden_bias ? sz(E * fn) : 0);
-    w2_ = device_array<T>(sz(E * n * d));
-    b2e_ = device_array<T>(cfg_.expert_bias ? sz(E * d) : 0);
-    b2_ = device_array<T>(cfg_.output_bias ? sz(d) : 0);
-    if constexpr (std::is_same_v<Policy, top_k>) {
-      router_w_ = device_array<float>(sz(d * E));
-      router_b_ = device_array<float>(sz(E));
-    } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
-      router_w_ = device_array<float>(sz(d * cfg_.router_hidden));
-      router_w2_ = device_array<float>(sz(cfg_.router_hidden * E));
-    } else {
-      router_w_ = device_array<float>(sz(d * E));
-      router_b_ = device_array<float>(sz(E));  // thresholds g
-      expert_norm_ = device_array<float>(sz(E));
-      active_ = device_array<std::uint8_t>(sz(E));
-      num_active_ = E;
-    }
-    // Zero weights (cudaMalloc does not clear); all-active mask, unit norm floor for top_any.
-    for (auto* a : {&w1_, &b1_, &w2_, &b2e_, &b2_})
-      if (!a->empty()) cuda_detail::throw_on_cuda(cudaMemset(a->data(), 0, a->size() * sizeof(T)), "cudaMemset");
-    for (auto* a : {&router_w_, &router_b_, &router_w2_})
-      if (!a->empty()) cuda_detail::throw_on_cuda(cudaMemset(a->data(), 0, a->size() * sizeof(float)), "cudaMemset");
-    if constexpr (std::is_same_v<Policy, top_any>) {
-      expert_norm_.upload(std::vector<float>(sz(E), top_any_router<float>::norm_eps));
-      active_.upload(std::vector<std::uint8_t>(sz(E), std::uint8_t{1}));
-    }
-    // cudaMemset may return before the device has written: wait, so that a forward on a stream
-    // not ordered after the default stream (cudaStreamNonBlocking) sees the zeros.
-    cuda_detail::throw_on_cuda(cudaStreamSynchronize(nullptr), "moe_layer<cuda>: cudaStreamSynchronize");
-  }
-
-  static void upload_converted(device_array<T>& dst, const std::vector<float>& src) {
-    if (src.empty()) return;
-    if constexpr (std::is_same_v<T, float>) {
-      dst.upload(src);
-    } else {
-      std::vector<T> tmp(src.size());
-      cuda_detail::convert_to_storage(src.data(), src.size(), tmp.data());
-      dst.upload(tmp);
-    }
-  }
 
   cuda_detail::layer_dims dims() const noexcept {
     cuda_detail::layer_dims dm;
@@ -407,54 +259,56 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     return dm;
   }
 
-  status buffers(workspace ws, index_t tokens, cuda_detail::layer_buffers& b) const noexcept {
+  /// The layout in `ws` for `tokens` tokens: as many activation rows as the workspace holds (the
+  /// device refuses a batch that needs more), the same count for the forward and for the calls
+  /// that read its results. A forward of top-k needs all tokens * k rows; reading results (plan,
+  /// scores, the error flags, whose offsets do not depend on the rows) needs only the rest.
+  status buffers(workspace ws, index_t tokens, cuda_detail::layer_buffers& b, bool forward = false) const noexcept {
     std::size_t sort_bytes = 0, scan_bytes = 0;
     DMOE_TRY(cuda_detail::cub_temp_bytes(tokens * max_k(), tokens, cuda_detail::key_bits(num_experts()), sort_bytes,
                                          scan_bytes));
-    detail::carver measure;
-    cuda_detail::carve_layer(measure, dims(), tokens, sort_bytes, scan_bytes);
-    if (ws.data == nullptr || ws.bytes < measure.bytes())
+    const auto dm = dims();
+    const auto size_for = [&](index_t slots) {
+      detail::carver m;
+      cuda_detail::carve_layer(m, dm, tokens, sort_bytes, scan_bytes, slots);
+      return m.bytes();
+    };
+    const index_t items = tokens * max_k();
+    const std::size_t full = size_for(items), least = forward && fixed_k ? full : size_for(0);
+    if (ws.data == nullptr || ws.bytes < least)
       return status::failure(errc::workspace_too_small,
                              "moe_layer<cuda>::forward: workspace has %zu bytes at %p, %td tokens need %zu "
                              "(workspace_size)",
-                             ws.bytes, ws.data, tokens, measure.bytes());
+                             ws.bytes, ws.data, tokens, full);
+    index_t slots = items;
+    if (ws.bytes < full) {  // largest row count that fits: the size grows with it
+      index_t lo = 0, hi = items;
+      while (hi - lo > 1) {
+        const index_t mid = lo + (hi - lo) / 2;
+        (size_for(mid) <= ws.bytes ? lo : hi) = mid;
+      }
+      slots = lo;
+    }
     detail::carver c(detail::carver::align(ws.data));
-    b = cuda_detail::carve_layer(c, dims(), tokens, sort_bytes, scan_bytes);
+    b = cuda_detail::carve_layer(c, dm, tokens, sort_bytes, scan_bytes, slots);
+    return {};
+  }
+
+  /// The backend's own limit on top of the shared checks: device indices are int32, so
+  /// tokens * max(max_k, E, router width, n, d) must stay below 2^31.
+  status check_tokens(const char* who, index_t tokens) const noexcept {
+    const index_t per_token =
+        (std::max)({max_k(), num_experts(), cfg_.router_hidden, expert_width(), cfg_.d_model});
+    if (!cuda_detail::fits_int32(tokens, per_token) || tokens > INT32_MAX / 2)
+      return status::failure(errc::unsupported,
+                             "%s: %td tokens x %td per token exceed the backend's 32-bit indices; split the batch", who,
+                             tokens, per_token);
     return {};
   }
 
   status check_io(matrix_view<const T> x, matrix_view<T> y, const routing_stats* stats) const noexcept {
-    const index_t d = cfg_.d_model;
-    if (x.cols != d)
-      return status::failure(errc::invalid_argument,
-                             "moe_layer<cuda>::forward: x is (%td x %td), expected %td columns (d_model)", x.rows,
-                             x.cols, d);
-    if (y.rows != x.rows || y.cols != d)
-      return status::failure(errc::invalid_argument,
-                             "moe_layer<cuda>::forward: y is (%td x %td), expected (%td x %td) to match x (tokens x "
-                             "d_model)",
-                             y.rows, y.cols, x.rows, d);
-    if (x.rows < 0) return status::failure(errc::invalid_argument, "moe_layer<cuda>::forward: x has %td rows", x.rows);
-    if (x.rows > 0 && (x.data == nullptr || y.data == nullptr))
-      return status::failure(errc::invalid_argument, "moe_layer<cuda>::forward: %s is a null pointer with %td rows",
-                             x.data == nullptr ? "x" : "y", x.rows);
-    if (x.row_stride < d || y.row_stride < d)
-      return status::failure(errc::invalid_argument,
-                             "moe_layer<cuda>::forward: row strides must be >= d_model = %td, got x %td, y %td", d,
-                             x.row_stride, y.row_stride);
-    if (x.rows > 0 && static_cast<const void*>(x.data) == static_cast<const void*>(y.data))
-      return status::failure(errc::invalid_argument, "moe_layer<cuda>::forward: y must not alias x");
-    if (stats && stats->num_experts() != num_experts())
-      return status::failure(errc::invalid_argument,
-                             "moe_layer<cuda>::forward: stats was made for %td experts, the layer has %td "
-                             "(construct routing_stats(layer.num_experts()))",
-                             stats->num_experts(), num_experts());
-    const index_t per_token = (std::max)({max_k(), num_experts(), cfg_.router_hidden, expert_width(), d});
-    if (!cuda_detail::fits_int32(x.rows, per_token) || x.rows > INT32_MAX / 2)
-      return status::failure(errc::unsupported,
-                             "moe_layer<cuda>::forward: %td tokens x %td per token exceed the backend's 32-bit "
-                             "indices; split the batch",
-                             x.rows, per_token);
+    DMOE_TRY(spec::check_forward("moe_layer<cuda>::forward", cfg_, x, y, stats));
+    DMOE_TRY(check_tokens("moe_layer<cuda>::forward", x.rows));
     // Router products put column tiles on grid.y (at most 65535 blocks of router_tile columns).
     if ((std::max)(num_experts(), cfg_.router_hidden) > index_t{65535} * cuda_detail::router_tile)
       return status::failure(errc::unsupported,
@@ -462,7 +316,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
                              "grid (65535 x %d columns)",
                              num_experts(), cfg_.router_hidden, cuda_detail::router_tile);
     if constexpr (std::is_same_v<Policy, top_any>)
-      if (num_active_ == 0)
+      if (w_.num_active == 0)
         return status::failure(errc::invalid_argument,
                                "top_any route: no active expert (all %td slots masked off); activate at least one "
                                "slot in router().active() and copy_from again",
@@ -470,117 +324,13 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     return {};
   }
 
-  status route(matrix_view<const T> x, cuda_detail::layer_buffers& b, cudaStream_t stream) const noexcept {
-    const index_t tokens = x.rows, d = cfg_.d_model, E = num_experts();
-    cuda_detail::select_params p;
-    p.E = static_cast<int>(E);
-    p.max_k = static_cast<int>(max_k());
-    cudaError_t err = cudaSuccess;
-    if constexpr (std::is_same_v<Policy, top_k>) {
-      p.policy = 0;
-      p.k = static_cast<int>(opt_.k);
-      p.renormalize = opt_.renormalize;
-      err = cuda_detail::router_product(x.data, x.row_stride, tokens, d, router_w_.data(), E, router_b_.data(),
-                                        b.scores, cuda_detail::router_epilogue::none, stream);
-    } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
-      p.policy = 1;
-      p.k = static_cast<int>(opt_.k_max);
-      p.tau = static_cast<float>(opt_.tau);
-      const index_t h = cfg_.router_hidden;
-      err = cuda_detail::router_product(x.data, x.row_stride, tokens, d, router_w_.data(), h, nullptr, b.router_hidden,
-                                        cuda_detail::router_epilogue::relu, stream);
-      if (err == cudaSuccess)
-        err = cuda_detail::router_product(static_cast<const float*>(b.router_hidden), h, tokens, h,
-                                          router_w2_.data(), E, nullptr, b.scores, cuda_detail::router_epilogue::abs,
-                                          stream);
-    } else {
-      p.policy = 2;
-      p.training = opt_.training;
-      p.expert_norm = expert_norm_.data();
-      p.threshold = router_b_.data();
-      p.active = active_.data();
-      p.norm_eps = top_any_router<float>::norm_eps;
-      err = cuda_detail::router_product(x.data, x.row_stride, tokens, d, router_w_.data(), E, nullptr, b.scores,
-                                        cuda_detail::router_epilogue::none, stream);
-    }
-    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "router product launch");
-    cuda_detail::select_kernel<T>
-        <<<static_cast<unsigned>(cuda_detail::blocks_for(tokens, cuda_detail::select_warps)),
-           cuda_detail::select_warps * 32, 0, stream>>>(p, x.data, x.row_stride, static_cast<int>(d),
-                                                        static_cast<int>(tokens), b.scores, b);
-    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_detail::cuda_failure(err, "select_kernel launch");
-    return {};
-  }
 
-  status read_error(const context<cuda>& ctx, const cuda_detail::layer_buffers& b) const noexcept {
-    unsigned long long bad = 0;
-    cudaError_t err = cudaMemcpyAsync(&bad, b.error_token, sizeof bad, cudaMemcpyDeviceToHost, ctx.stream);
-    if (err == cudaSuccess) err = cudaStreamSynchronize(ctx.stream);
-    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "moe_layer<cuda>: reading the error flag");
-    if (bad != ~0ull)
-      return status::failure(errc::numerical_error,
-                             "%s route: router score of token %llu is NaN or infinite (check x and the router "
-                             "weights)",
-                             router_type::name, bad);
-    return {};
-  }
-
-  /// The synchronising statistics path: copies expert offsets and the k histogram (E + 1 ints
-  /// each) into the stats' own vectors, which have E + 1 and E index_t entries, so nothing is
-  /// allocated.
-  status read_stats(const context<cuda>& ctx, const cuda_detail::layer_buffers& b, routing_stats& st) const noexcept {
-    const int E = static_cast<int>(num_experts());
-    cudaError_t err = cudaSuccess;
-    if (cuda_detail::k_histogram_in_shared(E)) {
-      cuda_detail::k_histogram_kernel<><<<1, cuda_detail::single_block_threads,
-                                        static_cast<std::size_t>(E + 1) * sizeof(int), ctx.stream>>>(b, E);
-    } else {
-      // More than 12287 experts: E + 1 shared bins would exceed 48 KiB and the launch would fail.
-      err = cudaMemsetAsync(b.k_histogram, 0, static_cast<std::size_t>(E + 1) * sizeof(std::int32_t), ctx.stream);
-      if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "k_histogram cudaMemsetAsync");
-      cuda_detail::k_histogram_global_kernel<><<<static_cast<unsigned>(cuda_detail::blocks_for(
-                                                     (std::min)(b.tokens, index_t{1} << 20), 256)),
-                                                 256, 0, ctx.stream>>>(b);
-    }
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "k_histogram_kernel launch");
-    DMOE_TRY(read_error(ctx, b));  // also synchronises
-    const auto fetch = [&](const std::int32_t* src) -> cudaError_t {
-      // E + 1 int32 land in the first half of k_histogram's E + 1 index_t, then widen in place
-      // from the back (slot e is written only after int32 entries e..2e+1 have been read).
-      index_t* dst = st.k_histogram.data();
-      // On ctx.stream, not the default stream: a legacy-default-stream copy would wait for (and,
-      // in global capture mode, invalidate a capture on) every other blocking stream.
-      cudaError_t e2 = cudaMemcpyAsync(dst, src, static_cast<std::size_t>(E + 1) * sizeof(std::int32_t),
-                                       cudaMemcpyDeviceToHost, ctx.stream);
-      if (e2 == cudaSuccess) e2 = cudaStreamSynchronize(ctx.stream);
-      if (e2 != cudaSuccess) return e2;
-      auto* bytes = reinterpret_cast<unsigned char*>(dst);
-      for (int e = E; e >= 0; --e) {
-        std::int32_t v;
-        std::memcpy(&v, bytes + static_cast<std::size_t>(e) * sizeof(std::int32_t), sizeof v);
-        dst[e] = v;
-      }
-      return cudaSuccess;
-    };
-    if ((err = fetch(b.expert_offsets)) != cudaSuccess) return cuda_detail::cuda_failure(err, "reading expert offsets");
-    for (int e = 0; e < E; ++e) st.tokens_per_expert[static_cast<std::size_t>(e)] = st.k_histogram[static_cast<std::size_t>(e + 1)] - st.k_histogram[static_cast<std::size_t>(e)];
-    st.slots = st.k_histogram[static_cast<std::size_t>(E)];
-    if ((err = fetch(b.k_histogram)) != cudaSuccess) return cuda_detail::cuda_failure(err, "reading the k histogram");
-    st.tokens = b.tokens;
-    st.router_flops = router_flops_per_token() * double(b.tokens);
-    st.expert_flops = flops_per_slot() * double(st.slots);
-    st.dense_flops = flops_per_slot() * double(num_experts()) * double(b.tokens);
-    return {};
-  }
+  static constexpr bool fixed_k = detail::fixed_k_v<Policy>;
 
   moe_config cfg_;
   options_type opt_{};
   int sm_count_ = 1;
-  index_t num_active_ = 0;
-  device_array<T> w1_, b1_, w2_, b2e_, b2_;
-  device_array<float> router_w_, router_b_, router_w2_, expert_norm_;
-  device_array<std::uint8_t> active_;
+  cuda_detail::device_weights<T, Policy, Activation> w_;
 };
 
 }  // namespace dmoe

@@ -8,7 +8,9 @@
 /// host from the token count; a NaN score is recorded on the device (error_token), never waited on.
 
 #include <cstdint>
+#include <type_traits>
 
+#include "../routing/options.hpp"
 #include "../routing/selection.hpp"
 #include "common.cuh"
 
@@ -67,9 +69,8 @@ cudaError_t router_product(const TA* A, index_t lda, index_t rows, index_t K, co
   return cudaGetLastError();
 }
 
-/// Device parameters of the selection rule of one policy.
+/// Device parameters of the selection rule (the policy itself is the kernel's template argument).
 struct select_params {
-  int policy = 0;  ///< 0 top_k, 1 dynamic_k, 2 top_any
   int E = 0;
   int max_k = 0;   ///< stride of the per-token selections
   int k = 0;       ///< top_k: k; dynamic_k: k_max cap (0 = none)
@@ -82,10 +83,11 @@ struct select_params {
   float norm_eps = 1e-12f;
 };
 
-/// One warp per token: applies the policy's rule (routing/selection.hpp) to the token's scores,
+/// One warp per token: applies the rule of Policy (routing/selection.hpp) to the token's scores,
 /// writes its selections at stride max_k, its count, and its radix-sort keys (expert id, or the
-/// sentinel E for unused slots) with values = the strided slot index.
-template <class T>
+/// sentinel E for unused slots) with values = the strided slot index. Policy is a template
+/// argument, as everywhere else in the library: each instantiation holds one rule only.
+template <class T, class Policy>
 __global__ void __launch_bounds__(select_warps * 32)
     select_kernel(select_params p, const T* __restrict__ x, index_t ldx, int d, int tokens, float* __restrict__ scores,
                   layer_buffers b) {
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(select_warps * 32)
   if (t >= tokens) return;
   float* s = scores + static_cast<index_t>(t) * p.E;
   const index_t base = static_cast<index_t>(t) * p.max_k;
-  if (p.policy == 2) {
+  if constexpr (std::is_same_v<Policy, top_any>) {
     // cos_te = <x, w_e> / (max(|x|, eps) max(|w_e|, eps)); |x| reduced in a fixed lane order.
     const T* xr = x + static_cast<index_t>(t) * ldx;
     float sq = 0.f;
@@ -111,10 +113,10 @@ __global__ void __launch_bounds__(select_warps * 32)
   int c = 0;
   if (lane == 0) {
     index_t cnt = 0;
-    if (p.policy == 0) {
+    if constexpr (std::is_same_v<Policy, top_k>) {
       float lse = 0.f;
       cnt = detail::select_top_k(s, p.E, p.k, p.renormalize, b.slot_expert + base, b.slot_weight + base, &lse);
-    } else if (p.policy == 1) {
+    } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
       cnt = detail::select_dynamic_k(s, p.E, p.tau, p.k, b.slot_expert + base, b.slot_weight + base);
     } else {
       cnt = detail::select_top_any(s, p.threshold, p.active, p.E, p.training, b.slot_expert + base,
@@ -133,6 +135,62 @@ __global__ void __launch_bounds__(select_warps * 32)
     b.sort_keys[base + i] = i < c ? b.slot_expert[base + i] : p.E;
     b.sort_vals[base + i] = static_cast<std::int32_t>(base + i);
   }
+}
+
+/// A layer's router parameters on the device (fp32), whichever the policy uses.
+struct router_params {
+  const float* w = nullptr;            ///< top_k: Wr, top_any: W (d x E, column-major); dynamic_k: Wa (d x h)
+  const float* b = nullptr;            ///< top_k: bias (E); top_any: thresholds g (E)
+  const float* w2 = nullptr;           ///< dynamic_k: Wb (h x E)
+  const float* expert_norm = nullptr;  ///< top_any: max(|w_e|, eps) (E)
+  const std::uint8_t* active = nullptr;  ///< top_any: mask (E)
+  index_t hidden = 0;                  ///< dynamic_k router width h
+};
+
+template <class Policy>
+select_params make_select_params(index_t E, index_t max_k, const typename Policy::options& opt,
+                                 const router_params& r) noexcept {
+  select_params p;
+  p.E = static_cast<int>(E);
+  p.max_k = static_cast<int>(max_k);
+  if constexpr (std::is_same_v<Policy, top_k>) {
+    p.k = static_cast<int>(opt.k);
+    p.renormalize = opt.renormalize;
+  } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
+    p.k = static_cast<int>(opt.k_max);
+    p.tau = static_cast<float>(opt.tau);
+  } else {
+    p.training = opt.training;
+    p.expert_norm = r.expert_norm;
+    p.threshold = r.b;
+    p.active = r.active;
+  }
+  return p;
+}
+
+/// Enqueues routing of `tokens` rows of x: router products into b.scores (dynamic_k: through
+/// b.router_hidden), then the selection kernel of Policy.
+template <class Policy, class T>
+status route(const T* x, index_t ldx, index_t tokens, index_t d, index_t E, index_t max_k,
+             const typename Policy::options& opt, const router_params& r, layer_buffers& b,
+             cudaStream_t stream) noexcept {
+  cudaError_t err = cudaSuccess;
+  if constexpr (std::is_same_v<Policy, top_k>) {
+    err = router_product(x, ldx, tokens, d, r.w, E, r.b, b.scores, router_epilogue::none, stream);
+  } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
+    const index_t h = r.hidden;
+    err = router_product(x, ldx, tokens, d, r.w, h, nullptr, b.router_hidden, router_epilogue::relu, stream);
+    if (err == cudaSuccess)
+      err = router_product(static_cast<const float*>(b.router_hidden), h, tokens, h, r.w2, E, nullptr, b.scores,
+                           router_epilogue::abs, stream);
+  } else {
+    err = router_product(x, ldx, tokens, d, r.w, E, nullptr, b.scores, router_epilogue::none, stream);
+  }
+  if (err != cudaSuccess) return cuda_failure(err, "router product launch");
+  select_kernel<T, Policy><<<static_cast<unsigned>(blocks_for(tokens, select_warps)), select_warps * 32, 0, stream>>>(
+      make_select_params<Policy>(E, max_k, opt, r), x, ldx, static_cast<int>(d), static_cast<int>(tokens), b.scores, b);
+  if ((err = cudaGetLastError()) != cudaSuccess) return cuda_failure(err, "select_kernel launch");
+  return {};
 }
 
 /// Copies each token's selections from the strided layout into the compressed plan rows.

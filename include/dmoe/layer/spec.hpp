@@ -40,7 +40,9 @@ struct backend_limits {
   index_t max_experts;      ///< inclusive
   index_t max_width;        ///< inclusive
 };
-inline constexpr backend_limits cpu_limits{"moe_layer", index_t{1} << 62, INT32_MAX, index_t{1} << 62};
+// CPU: d_model and width up to 2^40 keep every per-task product (128 rows x (d + n + f n)) far from
+// overflow; far beyond any real layer.
+inline constexpr backend_limits cpu_limits{"moe_layer", index_t{1} << 40, INT32_MAX, index_t{1} << 40};
 inline constexpr backend_limits cuda_limits{"moe_layer<cuda>", INT32_MAX, INT32_MAX - 1, INT32_MAX / 2};
 
 template <class Policy, class Activation, std::size_t Experts, std::size_t Width>

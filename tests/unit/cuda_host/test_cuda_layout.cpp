@@ -129,6 +129,7 @@ TEST_SUITE("cuda_host") {
       const std::size_t st = std::size_t(dm.storage_bytes);
       const std::vector<span> spans = {
           {b.error_token, 8},
+          {b.slot_overflow, 8},
           {b.scores, 4 * std::size_t(tokens * dm.E)},
           {b.router_hidden, 4 * std::size_t(tokens * dm.router_hidden)},
           {b.counts, 4 * std::size_t(tokens + 1)},
@@ -146,10 +147,10 @@ TEST_SUITE("cuda_host") {
           {b.expert_offsets, 4 * std::size_t(dm.E + 1)},
           {b.tile_offsets, 4 * std::size_t(dm.E + 1)},
           {b.k_histogram, 4 * std::size_t(dm.E + 1)},
-          {b.hidden, st * std::size_t(items * dm.n)},
-          {b.out, st * std::size_t(items * dm.d)},
           {b.sort_temp, sort_b},
-          {b.scan_temp, scan_b}};
+          {b.scan_temp, scan_b},
+          {b.hidden, st * std::size_t(items * dm.n)},
+          {b.out, st * std::size_t(items * dm.d)}};
       const auto* lo = mem.data();
       const auto* hi = mem.data() + mem.size();
       for (std::size_t i = 0; i < spans.size(); ++i) {
@@ -161,10 +162,27 @@ TEST_SUITE("cuda_host") {
       }
       CHECK(b.sort_temp_bytes == sort_b);
       CHECK(b.scan_temp_bytes == scan_b);
+      CHECK(b.slot_capacity == items);
       // more tokens never need less
       dmoe::detail::carver bigger;
       cd::carve_layer(bigger, dm, tokens + 1, sort_b, scan_b);
       CHECK(bigger.bytes() >= bytes);
+      // A slot bound shrinks only the activation rows (the layout's last two buffers): every
+      // other pointer is where it was, and the size drops by the rows left out.
+      const index_t slots = g.integer(0, int(items));
+      dmoe::detail::carver cs(base);
+      const cd::layer_buffers bs = cd::carve_layer(cs, dm, tokens, sort_b, scan_b, slots);
+      CHECK(bs.slot_capacity == slots);
+      CHECK(bs.error_token == b.error_token);
+      CHECK(bs.scores == b.scores);
+      CHECK(bs.slot_row == b.slot_row);
+      CHECK(bs.scan_temp == b.scan_temp);
+      CHECK(bs.hidden == b.hidden);
+      dmoe::detail::carver ms;
+      cd::carve_layer(ms, dm, tokens, sort_b, scan_b, slots);
+      const std::size_t saved = st * std::size_t((items - slots) * (dm.n + dm.d));
+      CHECK(ms.bytes() <= bytes - saved + 2 * dmoe::detail::workspace_alignment);
+      CHECK(ms.bytes() + saved <= bytes + 2 * dmoe::detail::workspace_alignment);
     }
   }
 

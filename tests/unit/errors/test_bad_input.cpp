@@ -176,7 +176,7 @@ TEST_SUITE("errors") {
 }
 
 TEST_SUITE("errors") {
-  TEST_CASE_TEMPLATE("a slot bound below the batch's slots is refused, never a silent drop; stats report the slots", P,
+  TEST_CASE_TEMPLATE("a slot bound below the batch's slots is refused, never a silent drop, and stats report the slots", P,
                      dmoe::dynamic_k, dmoe::top_any) {
     const int d = 6, E = 5, T = 40;
     layer_t<double, P, dmoe::relu> layer(config(d, E, 4), opts<P>());
@@ -224,7 +224,7 @@ TEST_SUITE("errors") {
     CHECK(st.max_slots_seen == used);
   }
 
-  TEST_CASE("top_k: the slot bound is tokens * k; a smaller workspace is refused up front") {
+  TEST_CASE("top_k: the slot bound is tokens * k, and a smaller workspace is refused up front") {
     const int d = 4, E = 4, T = 10;
     layer_t<float, dmoe::top_k, dmoe::relu> layer(config(d, E, 3), dmoe::top_k_options{2, true});
     layer.randomize(1);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "sweep.hpp"
 
@@ -83,8 +84,19 @@ void bad_views() {
   // Workspace: too small by one byte, null, and sized for fewer threads than the executor has.
   const std::size_t need = layer.workspace_size(dmoe::workspace_bounds{T, 1});
   dmoe::workspace_buffer big(need);
-  check_status(layer.forward(ctx, x, y, dmoe::workspace{big.view().data, need - 1}), errc::workspace_too_small,
-               {"workspace"});
+  if constexpr (std::is_same_v<P, dmoe::top_k>) {
+    check_status(layer.forward(ctx, x, y, dmoe::workspace{big.view().data, need - 1}), errc::workspace_too_small,
+                 {"workspace"});
+  } else {
+    // dynamic-k and top-any: one byte less holds fewer slots than the worst case T * E; the batch
+    // is refused only if it routes more slots than that (test_bad_input.cpp checks the refusal),
+    // and a workspace without room for the per-token buffers is refused up front.
+    const dmoe::status s1 = layer.forward(ctx, x, y, dmoe::workspace{big.view().data, need - 1});
+    CHECK((s1.ok() || s1.code() == errc::workspace_too_small));
+    const std::size_t one_slot = layer.workspace_size(dmoe::workspace_bounds{T, 1, 1});
+    check_status(layer.forward(ctx, x, y, dmoe::workspace{big.view().data, one_slot / 2}), errc::workspace_too_small,
+                 {"workspace"});
+  }
   check_status(layer.forward(ctx, x, y, dmoe::workspace{nullptr, need}), errc::workspace_too_small, {"workspace"});
   check_status(layer.forward(ctx, x, y, dmoe::workspace{}), errc::workspace_too_small, {"workspace"});
   dmoe::thread_pool pool(2);
