@@ -9,6 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <new>
+#include <stdexcept>
 
 #include "config.hpp"
 #include "status.hpp"
@@ -76,6 +78,26 @@ inline index_t checked_product_or_throw(const char* what, index_t a, index_t b, 
     raisef(errc::invalid_argument, "%s: size %td x %td x %td does not fit in a signed 64-bit element count", what, a,
            b, c);
   return s.value();
+}
+
+/// Runs `alloc` (which fills owning containers with `count` elements of `elem_bytes` each in
+/// total) and turns std::bad_alloc / std::length_error into dmoe::error(out_of_memory) naming
+/// `what` and the bytes asked for (cold paths).
+template <class F>
+void allocate_or_throw(const char* what, index_t count, std::size_t elem_bytes, F&& alloc) {
+  const double bytes = double(count) * double(elem_bytes);
+#if DMOE_HAS_EXCEPTIONS
+  try {
+    alloc();
+  } catch (const std::bad_alloc&) {
+    raisef(errc::out_of_memory, "%s: allocating %.0f bytes (%td elements) failed", what, bytes, count);
+  } catch (const std::length_error&) {
+    raisef(errc::out_of_memory, "%s: allocating %.0f bytes (%td elements) failed", what, bytes, count);
+  }
+#else
+  (void)bytes;
+  alloc();
+#endif
 }
 
 }  // namespace detail
