@@ -3,7 +3,7 @@
 #pragma once
 /// \file
 /// Non-owning views over the caller's storage. Tokens are rows (row-vector convention of
-/// docs/algorithms.md): a batch of T tokens of width d is a row-major T x d matrix whose rows
+/// docs/algorithms.md, Notation): a batch of T tokens of width d is a row-major T x d matrix whose rows
 /// may be strided (row_stride >= cols).
 
 #include <type_traits>
