@@ -7,7 +7,7 @@
 /// any dmoe kernel:
 ///  - the finite-difference criterion;
 ///  - the expert forward (own activation formulas) and the relu kink margin;
-///  - the top-any straight-through SURROGATE of docs/algorithms.md section 4:
+///  - the top-any straight-through SURROGATE of docs/algorithms.md section 4.3 (top-any backward):
 ///  at the base point
 ///    theta0 record the fired set F = {(t, e): active_e and cos_te > g_e} and
 ///    K_t = |F_t|; then

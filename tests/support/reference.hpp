@@ -2,7 +2,7 @@
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
 /// \file
-/// An independent, slow reference of the dmoe forward pass (docs/algorithms.md sections 1-4, 6),
+/// An independent, slow reference of the dmoe forward pass (docs/algorithms.md sections 1-4 and 6: experts, top-k, dynamic-k, top-any, cost accounting),
 /// written in plain loops in double precision over std::vector. It shares no code with the
 /// library: no Eigen products, no dmoe::detail::select_* functions; every rule is re-derived from
 /// the document. The only contact with the library is reading weights through the public

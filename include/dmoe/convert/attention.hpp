@@ -213,10 +213,13 @@ attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const colum
     detail::raisef(errc::invalid_argument,
                    "fit_attention_mlp: options hidden = %td (>= 0), epochs = %d (>= 0), batch_size = %td (> 0)",
                    opt.hidden, opt.epochs, opt.batch_size);
-  if (!(opt.sparsity_weight >= 0) || !(opt.sparsity_ramp >= 0 && opt.sparsity_ramp <= 1))
+  if (!(std::isfinite(opt.sparsity_weight) && opt.sparsity_weight >= 0) ||
+      !(opt.sparsity_ramp >= 0 && opt.sparsity_ramp <= 1))
     detail::raisef(errc::invalid_argument,
-                   "fit_attention_mlp: sparsity_weight = %g must be >= 0 and sparsity_ramp = %g in [0, 1]",
+                   "fit_attention_mlp: sparsity_weight = %g must be finite and >= 0 and sparsity_ramp = %g in [0, 1]",
                    opt.sparsity_weight, opt.sparsity_ramp);
+  if (const status os = check_options(opt.optimizer); !os.ok())
+    detail::raisef(errc::invalid_argument, "fit_attention_mlp: options.optimizer: %s", os.message());
   if (!weight.allFinite() || !bias.allFinite())
     detail::raisef(errc::invalid_argument, "fit_attention_mlp: weight or bias contains NaN or infinity");
   convert_detail::mlp_check_finite("x", x);

@@ -146,6 +146,8 @@ router_fit_report fit_router(dynamic_k_router<T>& router, input_view<T> x,
   if (opt.epochs < 0) detail::raisef(errc::invalid_argument, "fit_router: options.epochs = %d is negative", opt.epochs);
   if (opt.batch_size <= 0)
     detail::raisef(errc::invalid_argument, "fit_router: options.batch_size must be positive, got %td", opt.batch_size);
+  if (const status os = check_options(opt.optimizer); !os.ok())
+    detail::raisef(errc::invalid_argument, "fit_router: options.optimizer: %s", os.message());
   convert_detail::check_finite("fit_router", "x", x);
   convert_detail::check_finite("fit_router", "targets", targets);
   if (heldout_x.rows > 0) {

@@ -330,6 +330,11 @@ Layer load_moe_layer(const safetensors_file& f) {
   } else {
     io_detail::fill_transposed(r.weight(), read("router.weight", {E, d}), 0);
     io_detail::fill_vector(r.threshold(), read("router.threshold", {E}), 0);
+    // A NaN threshold would silently disable its expert, an infinite one fire it never or always:
+    // refuse the file rather than load a layer that routes wrongly without a word.
+    if (const status ts = r.check_thresholds(); !ts.ok())
+      detail::raisef(errc::invalid_argument, "load_moe_layer '%s': tensor 'router.threshold': %s", f.label().c_str(),
+                     ts.message());
     const auto& ti = f.expect_shape("router.active", io_detail::shape_of({E}));
     if (ti.dtype != st_dtype::U8)
       detail::raisef(errc::invalid_argument, "load_moe_layer '%s': tensor 'router.active' has dtype %s, expected U8",

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -30,6 +31,7 @@
 #include <Eigen/Core>
 #include <nlohmann/json.hpp>
 
+#include "../core/checked.hpp"
 #include "../core/status.hpp"
 #include "../core/views.hpp"
 
@@ -199,12 +201,47 @@ void append_converted(std::vector<unsigned char>& out, st_dtype dt, const S* src
   }
 }
 
+/// What kind of non-regular file `st` is, for the error message.
+inline const char* file_kind(const std::filesystem::file_status& st) noexcept {
+  switch (st.type()) {
+    case std::filesystem::file_type::fifo: return "a FIFO";
+    case std::filesystem::file_type::character: return "a character device";
+    case std::filesystem::file_type::block: return "a block device";
+    case std::filesystem::file_type::socket: return "a socket";
+    default: return "not a regular file";
+  }
+}
+
+/// `n` bytes for `what`, an allocation failure as dmoe::error(out_of_memory) naming the bytes.
+inline std::vector<unsigned char> allocate_bytes(const char* what, const std::string& label, std::uint64_t n) {
+  if (n > (std::numeric_limits<std::size_t>::max)() / 2)  // beyond any vector on this platform
+    detail::raisef(errc::out_of_memory, "%s '%s': %llu bytes do not fit in memory on this platform", what, label.c_str(),
+                   static_cast<unsigned long long>(n));
+  std::vector<unsigned char> v;
+  const std::string who = std::string(what) + " '" + label + "'";
+  detail::allocate_or_throw(who.c_str(), static_cast<index_t>(n), 1, [&] { v.resize(static_cast<std::size_t>(n)); });
+  return v;
+}
+
 inline std::vector<unsigned char> read_whole_file(const std::string& path) {
+  // Refuse what is not a regular file before opening it: a directory opens as a stream whose
+  // tellg is 2^63 - 1 (std::bad_alloc), opening a FIFO blocks until a writer comes, and a device
+  // such as /dev/zero never ends. A path that does not exist falls through to the open error.
+  std::error_code ec;
+  const std::filesystem::file_status st = std::filesystem::status(path, ec);
+  if (!ec && std::filesystem::is_directory(st))
+    detail::raisef(errc::invalid_argument, "safetensors: '%s' is a directory, not a safetensors file", path.c_str());
+  if (!ec && std::filesystem::exists(st) && !std::filesystem::is_regular_file(st))
+    detail::raisef(errc::invalid_argument,
+                   "safetensors: '%s' is %s, not a regular file (safetensors files are read whole, from regular files "
+                   "only)",
+                   path.c_str(), file_kind(st));
   std::ifstream f(path, std::ios::binary | std::ios::ate);
   if (!f) detail::raisef(errc::invalid_argument, "safetensors: cannot open '%s' for reading: %s", path.c_str(), std::strerror(errno));
   const std::streamoff size = f.tellg();
   if (size < 0) detail::raisef(errc::invalid_argument, "safetensors: cannot determine the size of '%s'", path.c_str());
-  std::vector<unsigned char> bytes(static_cast<std::size_t>(size));
+  std::vector<unsigned char> bytes =
+      allocate_bytes("safetensors: reading", path, static_cast<std::uint64_t>(size));
   f.seekg(0);
   if (size > 0 && !f.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size)))
     detail::raisef(errc::invalid_argument, "safetensors: reading %lld bytes from '%s' failed", static_cast<long long>(size),
@@ -268,7 +305,9 @@ class safetensors_file {
     return safetensors_file(std::move(bytes), std::move(label));
   }
   static safetensors_file from_bytes(const unsigned char* data, std::size_t size, std::string label = "<memory>") {
-    return safetensors_file(std::vector<unsigned char>(data, data + size), std::move(label));
+    std::vector<unsigned char> copy = io_detail::allocate_bytes("safetensors: copying", label, size);
+    if (size > 0) std::memcpy(copy.data(), data, size);
+    return safetensors_file(std::move(copy), std::move(label));
   }
 
   const std::string& label() const noexcept { return label_; }
@@ -300,7 +339,9 @@ class safetensors_file {
   std::vector<T> read(const std::string& name) const {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "safetensors_file::read: T must be float or double");
     const auto& t = info(name);
-    std::vector<T> out(static_cast<std::size_t>(t.numel()));
+    std::vector<T> out;
+    detail::allocate_or_throw(("safetensors '" + label_ + "': reading tensor '" + name + "'").c_str(), t.numel(),
+                              sizeof(T), [&] { out.resize(static_cast<std::size_t>(t.numel())); });
     if (!io_detail::convert_from<T>(t.dtype, bytes_.data() + data_start_ + t.begin, out.size(), out.data()))
       detail::raisef(errc::unsupported, "safetensors '%s': tensor '%s' has dtype %s, which dmoe cannot convert to %s",
                      label_.c_str(), name.c_str(), to_string(t.dtype), std::is_same_v<T, float> ? "float" : "double");
@@ -314,7 +355,9 @@ class safetensors_file {
       detail::raisef(errc::invalid_argument, "safetensors '%s': tensor '%s' has shape %s, expected a matrix (rank 2)",
                      label_.c_str(), name.c_str(), io_detail::shape_string(t.shape).c_str());
     const auto v = read<T>(name);
-    row_matrix<T> m(static_cast<index_t>(t.shape[0]), static_cast<index_t>(t.shape[1]));
+    row_matrix<T> m;
+    detail::allocate_or_throw(("safetensors '" + label_ + "': reading tensor '" + name + "'").c_str(), t.numel(),
+                              sizeof(T), [&] { m.resize(static_cast<index_t>(t.shape[0]), static_cast<index_t>(t.shape[1])); });
     std::copy(v.begin(), v.end(), m.data());
     return m;
   }
@@ -372,6 +415,9 @@ class safetensors_file {
       header = json::parse(h, h + n, std::ref(guard), /*allow_exceptions=*/true);
     } catch (const json::exception& e) {
       fail("the header is not valid JSON: %s", e.what());
+    } catch (const std::bad_alloc&) {
+      detail::raisef(errc::out_of_memory, "safetensors '%s': parsing the %llu-byte header ran out of memory",
+                     label_.c_str(), static_cast<unsigned long long>(n));
     }
     if (!guard.duplicate.empty()) fail("the header has the key '%s' twice", guard.duplicate.c_str());
     if (!header.is_object()) fail("%s", "the header must be a JSON object");
@@ -430,22 +476,21 @@ class safetensors_file {
                             "' (expected one of BOOL U8 I8 F8_E5M2 F8_E4M3 I16 U16 F16 BF16 I32 U32 F32 F64 I64 U64)");
     const auto& sh = field("shape");
     if (!sh.is_array()) fail_tensor(name, std::string("shape must be an array, got ") + sh.type_name());
-    // Element count and byte size, overflow-checked: both must fit in an int64.
+    // Element count and byte size, overflow-checked (core/checked.hpp): both must fit in an int64.
     const std::uint64_t limit = static_cast<std::uint64_t>((std::numeric_limits<std::int64_t>::max)());
-    std::uint64_t count = 1;
+    detail::checked_size count;
     for (const auto& d : sh) {
       if (!d.is_number_unsigned())
         fail_tensor(name, std::string("shape entries must be non-negative integers, got ") +
                               (d.is_number_integer() ? "a negative number" : d.type_name()));
       const std::uint64_t e = d.get<std::uint64_t>();
-      if (e > limit || (e != 0 && count > limit / e))
+      if (e > limit || !count.mul(static_cast<index_t>(e)).ok())
         fail_tensor(name, "shape " + sh.dump() + " has more elements than fit in 64 bits");
-      count *= e;
       t.shape.push_back(static_cast<std::int64_t>(e));
     }
-    const std::uint64_t esize = dtype_size(t.dtype);
-    if (count > limit / esize) fail_tensor(name, "shape " + sh.dump() + " has more bytes than fit in 64 bits");
-    const std::uint64_t nbytes = count * esize;
+    if (!count.mul(static_cast<index_t>(dtype_size(t.dtype))).ok())
+      fail_tensor(name, "shape " + sh.dump() + " has more bytes than fit in 64 bits");
+    const std::uint64_t nbytes = static_cast<std::uint64_t>(count.value());
     const auto& off = field("data_offsets");
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
       fail_tensor(name, "data_offsets must be [begin, end] with non-negative integers, got " + off.dump());
@@ -487,23 +532,22 @@ class safetensors_writer {
         dtype != st_dtype::U8)
       detail::raisef(errc::unsupported, "safetensors_writer: tensor '%s': writing dtype %s is not supported (F64, F32, F16, BF16, U8)",
                      name.c_str(), to_string(dtype));
-    std::size_t n = 1;
-    for (auto s : shape) {
-      if (s < 0)
-        detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s' has a negative extent in shape %s",
-                       name.c_str(), io_detail::shape_string(shape).c_str());
-      n *= static_cast<std::size_t>(s);
-    }
+    const index_t count = element_count(name, shape);
+    const std::size_t n = static_cast<std::size_t>(count);
+    index_t nbytes = 0;
+    if (!detail::mul_ok(count, static_cast<index_t>(dtype_size(dtype)), nbytes))
+      detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s': shape %s in %s has more bytes than fit in 64 bits",
+                     name.c_str(), io_detail::shape_string(shape).c_str(), to_string(dtype));
     if (n > 0 && !data) detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s': null data", name.c_str());
     entry e{dtype, shape, {}};
-    e.bytes.reserve(n * dtype_size(dtype));
+    detail::allocate_or_throw(("safetensors_writer: tensor '" + name + "'").c_str(), nbytes, 1,
+                              [&] { e.bytes.reserve(static_cast<std::size_t>(nbytes)); });
     io_detail::append_converted(e.bytes, dtype, data, n);
     entries_.emplace(name, std::move(e));
   }
   template <class S>
   void add(const std::string& name, st_dtype dtype, const std::vector<std::int64_t>& shape, const std::vector<S>& data) {
-    std::size_t n = 1;
-    for (auto s : shape) n *= static_cast<std::size_t>((std::max)(s, std::int64_t(0)));
+    const std::size_t n = static_cast<std::size_t>(element_count(name, shape));
     if (data.size() != n)
       detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s' has %zu values for shape %s (%zu elements)",
                      name.c_str(), data.size(), io_detail::shape_string(shape).c_str(), n);
@@ -540,7 +584,10 @@ class safetensors_writer {
     header += "}";
     header.append((8 - header.size() % 8) % 8, ' ');
     std::vector<unsigned char> out(8);
-    out.reserve(8 + header.size() + static_cast<std::size_t>(pos));
+    std::size_t total = 0;
+    if (!detail::add_ok(std::size_t{8} + header.size(), static_cast<std::size_t>(pos), total))
+      detail::raisef(errc::out_of_memory, "safetensors_writer: the file would have more bytes than fit in memory");
+    detail::allocate_or_throw("safetensors_writer: the file", static_cast<index_t>(total), 1, [&] { out.reserve(total); });
     io_detail::store_u64_le(out.data(), header.size());
     out.insert(out.end(), header.begin(), header.end());
     for (const auto& o : order) out.insert(out.end(), o.second->bytes.begin(), o.second->bytes.end());
@@ -575,6 +622,21 @@ class safetensors_writer {
   }
 
  private:
+  /// Elements of `shape`, in checked arithmetic; throws on a negative extent or an overflow.
+  static index_t element_count(const std::string& name, const std::vector<std::int64_t>& shape) {
+    detail::checked_size n;
+    for (auto s : shape) {
+      if (s < 0)
+        detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s' has a negative extent in shape %s",
+                       name.c_str(), io_detail::shape_string(shape).c_str());
+      n.mul(static_cast<index_t>(s));
+    }
+    if (!n.ok())
+      detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s': shape %s has more elements than fit in 64 bits",
+                     name.c_str(), io_detail::shape_string(shape).c_str());
+    return n.value();
+  }
+
   struct entry {
     st_dtype dtype;
     std::vector<std::int64_t> shape;

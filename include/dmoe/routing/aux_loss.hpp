@@ -6,6 +6,10 @@
 /// reports their values for the last forward (aux_losses) and backward adds the gradient of
 /// sum_i weight_i * loss_i when given the weights. Terms of another policy are ignored.
 
+#include <cmath>
+
+#include "../core/status.hpp"
+
 namespace dmoe {
 
 /// Values of the auxiliary losses, or their weights in the total loss.
@@ -25,5 +29,21 @@ struct aux_losses {
            w.balance * balance + w.efficiency * efficiency;
   }
 };
+
+/// Checks a set of auxiliary-loss *weights*: each must be finite and >= 0 (a NaN or infinite
+/// weight turns every router gradient NaN; a negative one rewards what the term penalises).
+/// Returns an error status naming the first bad weight, ok otherwise.
+inline status check_aux_weights(const aux_losses& w) noexcept {
+  const struct {
+    const char* name;
+    double value;
+  } terms[] = {{"load_balance", w.load_balance}, {"z_loss", w.z_loss},   {"diversity", w.diversity},
+               {"simplicity", w.simplicity},     {"balance", w.balance}, {"efficiency", w.efficiency}};
+  for (const auto& t : terms)
+    if (!(std::isfinite(t.value) && t.value >= 0.0))
+      return status::failure(errc::invalid_argument, "aux_losses: weight %s must be finite and >= 0, got %g", t.name,
+                             t.value);
+  return {};
+}
 
 }  // namespace dmoe

@@ -186,6 +186,38 @@ class top_any_router {
   const col_matrix<T>& weight() const noexcept { return weight_; }
   column_vector<T>& threshold() noexcept { return threshold_; }  ///< g (num_experts), init 0
   const column_vector<T>& threshold() const noexcept { return threshold_; }
+  /// Sets expert e's threshold g_e. Throws dmoe::error unless e is a slot and g is finite: a NaN
+  /// threshold would silently disable the expert (cos > NaN is never true), and an infinite one
+  /// means "never" or "always", which a finite value says as well (cos is in [-1, 1]: g >= 1
+  /// never fires, g < -1 always does).
+  void set_threshold(index_t e, T g) {
+    if (e < 0 || e >= num_experts())
+      detail::raisef(errc::invalid_argument, "top_any_router::set_threshold: expert %td is not in [0, num_experts = %td)",
+                     e, num_experts());
+    check_threshold_value("top_any_router::set_threshold", e, g);
+    threshold_[e] = g;
+  }
+  /// Sets every threshold (num_experts values), with the checks of set_threshold; on error
+  /// nothing is changed.
+  void set_thresholds(const column_vector<T>& g) {
+    if (g.size() != num_experts())
+      detail::raisef(errc::invalid_argument, "top_any_router::set_thresholds: %td values for num_experts = %td",
+                     index_t(g.size()), num_experts());
+    for (index_t e = 0; e < num_experts(); ++e) check_threshold_value("top_any_router::set_thresholds", e, g[e]);
+    threshold_ = g;
+  }
+  /// Checks the thresholds as they are now (threshold() is writable, and an optimizer writes it):
+  /// an error status naming the first slot whose threshold is NaN or infinite, ok otherwise.
+  status check_thresholds() const noexcept {
+    for (index_t e = 0; e < num_experts(); ++e)
+      if (!std::isfinite(threshold_[e]))
+        return status::failure(errc::numerical_error,
+                               "top_any_router: threshold g[%td] = %g is not finite (a NaN threshold disables "
+                               "expert %td, an infinite one fires it never or always)",
+                               e, double(threshold_[e]), e);
+    return {};
+  }
+
   /// Active mask (num_experts), 1 = slot in use.
   std::vector<std::uint8_t>& active() noexcept { return active_; }
   const std::vector<std::uint8_t>& active() const noexcept { return active_; }
@@ -218,6 +250,19 @@ class top_any_router {
   }
 
  private:
+  static void check_threshold_value(const char* who, index_t e, T g) {
+    if (std::isnan(g))
+      detail::raisef(errc::invalid_argument,
+                     "%s: threshold g[%td] is NaN; a NaN threshold would silently disable expert %td (cos > NaN is "
+                     "never true)",
+                     who, e, e);
+    if (!std::isfinite(g))
+      detail::raisef(errc::invalid_argument,
+                     "%s: threshold g[%td] = %g is infinite; use a finite value (cos is in [-1, 1]: g >= 1 never "
+                     "fires, g < -1 always fires)",
+                     who, e, double(g));
+  }
+
   col_matrix<T> weight_;
   column_vector<T> threshold_;
   std::vector<std::uint8_t> active_;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
-// Dense FFN -> MoE (convert/convert_ffn.hpp). The invariant of docs/algorithms.md section 5: with
+// Dense FFN -> MoE (convert/convert_ffn.hpp). The invariant of docs/algorithms.md section 5.2 (neuron split and the MoE layer): with
 // every expert on (dynamic_k, tau = 0) the converted layer computes the dense FFN, to rounding,
 // for float and double, every activation (gated ones included), random shapes and all three
 // split methods. Both are compared with the plain-loop reference of tests/support and with each

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
-// The dense FFN against the reference, and the D2DMoE invariant (docs/algorithms.md sections 3
-// and 5): a dynamic-k layer with tau = 0 runs every expert with weight 1, so a layer whose
-// experts are the contiguous slices of a dense FFN equals that FFN.
+// The dense FFN against the reference, and the D2DMoE invariant (docs/algorithms.md sections 3,
+// dynamic-k, and 5.2, neuron split and the MoE layer): a dynamic-k layer with tau = 0 runs every
+// expert with weight 1, so a layer whose experts are the contiguous slices of a dense FFN equals
+// that FFN.
 #include <doctest/doctest.h>
 
 #include <cstring>

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
-// routing_stats after forward (docs/algorithms.md section 6), against counts taken from the
+// routing_stats after forward (docs/algorithms.md section 6, cost accounting), against counts taken from the
 // reference routing: k histogram, tokens per expert, slots, mean k, and the FLOP counts
 // (expert: slots * 2 d n * (2, or 3 if gated); router: tokens * router FLOPs per token;
 // dense: tokens * E * 2 d n * (2 or 3)).

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
-// Edge cases of the three selection rules (docs/algorithms.md sections 2-4): exact ties (built
+// Edge cases of the three selection rules (docs/algorithms.md sections 2-4: top-k, dynamic-k, top-any): exact ties (built
 // from small integers and dyadic values, so they are exact in float and double whatever the
 // summation order), thresholds met with equality, k = E, tau = 0 and 1, all-zero router scores,
 // masked slots, tokens that fire nothing, x = 0, experts that get no tokens and every expert
