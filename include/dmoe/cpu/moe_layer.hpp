@@ -178,6 +178,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
                   gradients& grads, workspace ws, const aux_losses* aux = nullptr) const noexcept {
     DMOE_TRY(spec::check_backward("moe_layer::backward", cfg_, x, dy, dx));
     DMOE_TRY(check_gradients(grads));
+    if (aux) DMOE_TRY(check_aux_weights(*aux));
     const index_t tokens = x.rows;
     if (tokens == 0) {
       grads.experts.set_zero();

@@ -195,6 +195,7 @@ status route_prepare(const dynamic_k_router<T>&, const router_buffers<T>&) noexc
 template <class T>
 status route_prepare(const top_any_router<T>& router, const router_buffers<T>& buf) noexcept {
   const index_t E = router.num_experts();
+  DMOE_TRY(router.check_thresholds());  // a NaN written by an optimizer would silently disable an expert
   if (router.num_active() == 0)
     return status::failure(errc::invalid_argument,
                            "top_any route: no active expert (all %td slots masked off); activate at least one "

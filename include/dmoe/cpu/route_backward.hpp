@@ -15,6 +15,7 @@
 #include "../routing/aux_loss.hpp"
 #include "../routing/plan.hpp"
 #include "../routing/routers.hpp"
+#include "detail/panel_kernels.hpp"
 #include "gemm.hpp"
 #include "route.hpp"
 
@@ -38,8 +39,11 @@ void router_grad_shapes(index_t d, index_t E, index_t& pack) {
 template <class T>
 void gate_products(index_t rows, index_t d, index_t E, const T* a, const T* w, matrix_view<const T> x, index_t t0,
                    T* dx_rows, index_t ldx, T* dw, T* pack) noexcept {
-  gemm<order::row_major, order::row_major>(rows, d, E, a, E, w, d, dx_rows, ldx, plan_gemm<T>(rows_per_task, d, E),
-                                           pack);
+  // dX = A W^T on the panel kernel (W column-major d x E is W^T row-major): one in-order chain per
+  // element, so a token's dx does not depend on the rows beside it.
+  const cpu_isa isa = active_cpu_isa();
+  panel_product<T>(isa, rows, d, E, {a, E, nullptr}, panel_b<T>::row_major(w, d, tile_for<T>(isa).nr()), nullptr,
+                   dx_rows, ldx);
   gemm<order::col_major, order::row_major>(E, d, rows, a, E, x.row(t0), x.row_stride, dw, d,
                                            plan_gemm<T>(E, d, rows_per_task), pack);
 }
@@ -275,9 +279,12 @@ void route_backward(const top_any_router<T>& r, matrix_view<const T> x, const ro
         u[i * E + e] = dc / buf.expert_aux[e];
         v[i * E + e] = dc / buf.token_aux[t0 + i];
       }
-    zero_rows(matrix_view<T>(dx.row(t0), rows, d, dx.row_stride));
-    gemm<order::row_major, order::row_major>(rows, d, E, u, E, r.weight().data(), d, dx.row(t0), dx.row_stride,
-                                             plan_gemm<T>(rows_per_task, d, E), s.pack);
+    {  // dx rows = u W^T, batch-invariant (see gate_products)
+      const cpu_isa isa = active_cpu_isa();
+      panel_product<T>(isa, rows, d, E, {u, E, nullptr},
+                       panel_b<T>::row_major(r.weight().data(), d, tile_for<T>(isa).nr()), nullptr, dx.row(t0),
+                       dx.row_stride);
+    }
     gemm<order::col_major, order::row_major>(E, d, rows, v, E, x.row(t0), x.row_stride, grad.weight().data(), d,
                                              plan_gemm<T>(E, d, rows_per_task), s.pack);
     for (index_t i = 0; i < rows; ++i) {

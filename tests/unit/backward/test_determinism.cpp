@@ -135,3 +135,61 @@ TEST_SUITE("backward") {
     }
   }
 }
+
+namespace {
+
+/// Rows `idx` of m, in order.
+fmat rows_of(const fmat& m, const std::vector<index_t>& idx) {
+  fmat r(index_t(idx.size()), m.cols());
+  for (std::size_t i = 0; i < idx.size(); ++i) r.row(index_t(i)) = m.row(idx[i]);
+  return r;
+}
+
+/// A token's y and dx are bitwise the same whatever tokens share its batch (no auxiliary terms:
+/// those are batch statistics by definition), and the same on every SIMD instruction set.
+template <class P, class A>
+void batch_invariance(case_cfg c) {
+  c.use_aux = false;
+  INFO((std::string(P::template router<float>::name) + " " + A::name + " " + c.describe()));
+  layer_t<P, A, float> layer(config_of(c), options_of<P>(c));
+  rng g(c.seed);
+  fill_experts(layer.experts(), g);
+  fill_router(layer.router(), g, c);
+  const fmat x = random_rows<float>(g, c.tokens, c.d), dy = random_rows<float>(g, c.tokens, c.d);
+  const run_result base = run_once(layer, dmoe::context<dmoe::cpu>{}, x, dy, nullptr);
+  const std::vector<std::vector<index_t>> subsets = {{0}, {299}, {17}, {5, 6, 7, 8, 9, 10, 11}, {250, 3, 121, 77}};
+  for (const auto& s : subsets) {
+    const run_result sub = run_once(layer, dmoe::context<dmoe::cpu>{}, rows_of(x, s), rows_of(dy, s), nullptr);
+    for (std::size_t i = 0; i < s.size(); ++i) {
+      INFO("token " << s[i] << " in a batch of " << s.size());
+      CHECK(std::memcmp(sub.y.row(index_t(i)).data(), base.y.row(s[i]).data(), sizeof(float) * std::size_t(c.d)) == 0);
+      CHECK(std::memcmp(sub.dx.row(index_t(i)).data(), base.dx.row(s[i]).data(), sizeof(float) * std::size_t(c.d)) ==
+            0);
+    }
+  }
+  // Every SIMD kernel computes the same chains (the portable one differs only in the router's
+  // reduction order, so it is compared at the kernel level: tests/unit/kernels).
+  const dmoe::cpu_isa before = dmoe::active_cpu_isa();
+  for (int i = int(dmoe::cpu_isa::avx2); i <= int(dmoe::supported_cpu_isa()); ++i) {
+    REQUIRE(dmoe::set_cpu_isa(dmoe::cpu_isa(i)).ok());
+    const run_result other = run_once(layer, dmoe::context<dmoe::cpu>{}, x, dy, nullptr);
+    INFO("instruction set " << dmoe::to_string(dmoe::cpu_isa(i)));
+    CHECK(same_bytes(base.y, other.y));
+    CHECK(same_bytes(base.dx, other.dx));
+  }
+  REQUIRE(dmoe::set_cpu_isa(before).ok());
+}
+
+}  // namespace
+
+TEST_SUITE("backward") {
+  TEST_CASE("a token's output and dx do not depend on its batch nor on the SIMD instruction set") {
+    SUBCASE("top_k swiglu") { batch_invariance<dmoe::top_k, dmoe::swiglu>(big_case("inv/top_k", 4)); }
+    SUBCASE("dynamic_k relu") { batch_invariance<dmoe::dynamic_k, dmoe::relu>(big_case("inv/dynamic_k", 4)); }
+    SUBCASE("top_any gelu_tanh, inference") {
+      case_cfg c = big_case("inv/top_any", 4);
+      c.training = false;
+      batch_invariance<dmoe::top_any, dmoe::gelu_tanh>(c);
+    }
+  }
+}
