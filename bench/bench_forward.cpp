@@ -81,35 +81,6 @@ void set_rate(benchmark::State& state, index_t tokens) {
   state.counters["tokens/s"] = Counter(double(tokens), Counter::kIsIterationInvariantRate);
 }
 
-/// Runs the timed loop: body() once per iteration (returns false to stop after an error). Returns
-/// the mean wall seconds per iteration, by our own clock, for the GFLOP/s counters.
-template <class Body>
-double timed(benchmark::State& state, Body&& body) {
-  const auto t0 = std::chrono::steady_clock::now();
-  for (auto _ : state) {
-    if (!body()) break;
-    benchmark::ClobberMemory();
-  }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return state.iterations() > 0 ? secs / double(state.iterations()) : 0.0;
-}
-
-/// flops = product FLOPs of one iteration; GFLOP/s and % of the measured FMA peak of `threads`.
-void set_flops(benchmark::State& state, double flops, double secs, int threads) {
-  state.counters["flops"] = flops;
-  const double gflops = secs > 0 ? flops / secs / 1e9 : 0.0;
-  state.counters["GFLOP/s"] = gflops;
-  const double peak = probe().fma_peak(threads);
-  state.counters["pct_peak"] = peak > 0 ? 100.0 * gflops / peak : 0.0;
-}
-
-/// A failed cross-check: reported on the benchmark and in the exit status.
-void fail_check(benchmark::State& state, const std::string& what) {
-  check_failed() = true;
-  std::fprintf(stderr, "bench_forward: %s\n", what.c_str());
-  state.SkipWithError(what.c_str());
-}
-
 /// dense_ffn's output on input(tokens), 1 thread (the reference of the dense peers' checks).
 const matrix& dense_reference(index_t tokens) {
   static std::map<index_t, matrix> cache;

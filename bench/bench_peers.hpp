@@ -22,6 +22,7 @@
 /// Cold-path set-up may allocate and throw; forward() does not allocate.
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <stdexcept>
@@ -30,8 +31,11 @@
 #include <vector>
 
 #include <Eigen/Core>
+#include <benchmark/benchmark.h>
 
 #include <dmoe/dmoe.hpp>
+
+#include "bench_limits.hpp"
 
 #ifndef DMOE_BENCH_HAVE_OPENBLAS
 #define DMOE_BENCH_HAVE_OPENBLAS 0
@@ -50,6 +54,36 @@ using dmoe::index_t;
 inline bool& check_failed() {
   static bool failed = false;
   return failed;
+}
+
+// ---- timing and FLOP counters shared by the benchmarks ---------------------------------------------
+/// Runs the timed loop: body() once per iteration (returns false to stop after an error). Returns
+/// the mean wall seconds per iteration, by our own clock, for the GFLOP/s counters.
+template <class Body>
+double timed(benchmark::State& state, Body&& body) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    if (!body()) break;
+    benchmark::ClobberMemory();
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return state.iterations() > 0 ? secs / double(state.iterations()) : 0.0;
+}
+
+/// flops = product FLOPs of one iteration; GFLOP/s and % of the measured FMA peak of `threads`.
+inline void set_flops(benchmark::State& state, double flops, double secs, int threads) {
+  state.counters["flops"] = flops;
+  const double gflops = secs > 0 ? flops / secs / 1e9 : 0.0;
+  state.counters["GFLOP/s"] = gflops;
+  const double peak = probe().fma_peak(threads);
+  state.counters["pct_peak"] = peak > 0 ? 100.0 * gflops / peak : 0.0;
+}
+
+/// A failed cross-check: reported on the benchmark and in the exit status.
+inline void fail_check(benchmark::State& state, const std::string& what) {
+  check_failed() = true;
+  std::fprintf(stderr, "dmoe benchmark check failed: %s\n", what.c_str());
+  state.SkipWithError(what.c_str());
 }
 
 /// max |a - b| / max |b|: 0 for equal outputs, whatever their scale.
