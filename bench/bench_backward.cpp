@@ -9,6 +9,10 @@
 ///                                top-1 routing (same kernels and executor; its router is 768
 ///                                multiply-adds per token)
 ///   dense_eigen_backward         plain Eigen dense MLP backward (dW1, db1, dW2, db2, dx), threads 1
+/// Counters: f, mean_k; flops = executed expert product FLOPs of the timed pass (forward: slots x
+/// flops_per_slot; backward: twice that, its four products dpost, dW2, dW1, dx each being the size of
+/// one forward product); GFLOP/s and pct_peak against the FMA peak the binary measured
+/// (bench_limits.hpp, also in the JSON context).
 /// Settings: tokens {8, 512}, threads {1, 2}; top-k k in {2, 6, 12, 24}; dynamic-k and top-any
 /// calibrated to f in {0.1, 0.25, 0.5, 1.0} as in bench_forward (top-any backward runs in training
 /// mode with the calibrated threshold, so its measured f is reported separately).
@@ -27,6 +31,8 @@
 #include <benchmark/benchmark.h>
 
 #include "bench_common.hpp"
+#include "bench_limits.hpp"
+#include "bench_peers.hpp"
 
 namespace {
 
@@ -76,15 +82,13 @@ void bm_layer(benchmark::State& state, Layer& l, index_t tokens, int threads, bo
     dmoe::routing_stats stats(l.num_experts());
     dmoe::throw_if_error(l.forward(ctx, x, y, ws, &stats));
     dmoe::throw_if_error(l.backward(ctx, x, dy, dx, grads, ws));
-    for (auto _ : state) {
+    const double secs = timed(state, [&] {
       const dmoe::status s = backward ? l.backward(ctx, x, dy, dx, grads, ws) : l.forward(ctx, x, y, ws);
-      benchmark::ClobberMemory();
-      if (!s.ok()) {
-        state.SkipWithError(s.message());
-        break;
-      }
-    }
+      if (!s.ok()) state.SkipWithError(s.message());
+      return s.ok();
+    });
     state.counters["tokens/s"] = Counter(double(tokens), Counter::kIsIterationInvariantRate);
+    set_flops(state, (backward ? 2.0 : 1.0) * stats.expert_flops, secs, threads);
     state.counters["f"] = stats.active_fraction();
     state.counters["mean_k"] = stats.mean_k();
     state.SetLabel(setting + " threads=" + std::to_string(threads));
@@ -169,6 +173,7 @@ int main(int argc, char** argv) {
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i)
     if (i == 0 || std::strcmp(argv[i], "--force") != 0) args.push_back(argv[i]);
+  strip_smoke_flag(args);
   benchmark::AddCustomContext("dmoe_version", version_string());
   benchmark::AddCustomContext("dmoe_shape", "S: d_model 768, 24 experts x 128 (dense hidden 3072), relu, fp32");
   register_all();
@@ -176,6 +181,7 @@ int main(int argc, char** argv) {
   args.push_back(nullptr);
   benchmark::Initialize(&n, args.data());
   if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  add_limits_context(probe());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

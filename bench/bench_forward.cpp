@@ -6,6 +6,8 @@
 /// read as a ratio to the dense baselines measured in the same binary and run:
 ///   dense                  dmoe::dense_ffn<float, relu>(768, 3072) (same kernels and executor)
 ///   dense_eigen            plain Eigen, y = max(x W1 + b1, 0) W2 + b2, preallocated, threads 1 only
+///   dense_openblas         the same with OpenBLAS cblas_sgemm, pinned to the run's thread count
+///                          (skipped with a message when the build found no OpenBLAS)
 ///   moe_top_k      k:K     softmax top-k, k in {2, 6, 12, 24}: f = k/24 = 0.083, 0.25, 0.5, 1.0
 ///                          (2/24 = 0.083 is the closest k to f = 0.1)
 ///   moe_dynamic_k  f_pct:P D2DMoE dynamic-k, random router; tau bisected at set-up so that the
@@ -13,23 +15,33 @@
 ///                          there tau = 0 and the cap k_max = round(24 P/100) sets f instead.
 ///   moe_top_any    f_pct:P DynMoE top-any (inference mode), one threshold g for every expert,
 ///                          bisected at set-up so that the measured f is closest to P/100.
+///   loop_top_k, loop_dynamic_k   the PyTorch-style per-expert loop on OpenBLAS (bench_peers.hpp)
+///                          over the same layer, setting and routing plan as the moe_ run of the
+///                          same name; checked once against dmoe's output (relative 1e-4) and the
+///                          run fails (exit status 1) if they differ. The router is not in its time.
 /// Counters: tokens/s; f (measured active fraction: executed expert FLOPs / dense FLOPs);
 /// target_f; mean_k; exec_frac (router + expert FLOPs over dense FLOPs); experts_used (experts
-/// that got at least one token: what bounds small-token runs). Times are wall clock
-/// (UseRealTime). The router runs inside the timed forward.
+/// that got at least one token: what bounds small-token runs); flops (executed product FLOPs
+/// of one forward: the expert products for MoE and loop runs, 2 d F (2 or 3) per token for the
+/// dense ones); GFLOP/s (flops over the mean wall time of the timed iterations) and pct_peak (that
+/// over the measured FMA peak of the run's thread count, bench_limits.hpp). Times are wall clock
+/// (UseRealTime). The router runs inside the timed forward. The machine's limits (FMA peak,
+/// read/copy bandwidth, LLC) are measured once at start and written into the JSON context.
 ///
 ///   bench_forward --benchmark_out=forward.json --benchmark_out_format=json
 ///   python3 scripts/bench_table.py forward.json
 ///
 /// With Google Benchmark's default minimum time (0.5 s per benchmark) a full run of the 81
 /// benchmarks takes about 1.5 minutes on a 2-core machine, calibration included (about 10 s of it);
-/// --benchmark_min_time=0.2 shortens it, --benchmark_min_time=0.001 makes a smoke run (~10 s in
+/// --benchmark_min_time=0.2 shortens it, --benchmark_min_time=0.001 --dmoe_smoke makes a smoke run
+/// (--dmoe_smoke: a quick limits probe whose figures are not limits; ~15 s in
 /// Release; in an -O0 build the calibration at 512 tokens alone takes minutes: filter to
 /// tokens:(1|8)/ there). On a shared machine, --benchmark_repetitions=5 adds a "min" aggregate
 /// that scripts/bench_table.py --stat min reads. Refuses to run from a build without NDEBUG or
 /// without optimisation unless --force is given (exit status 2).
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -41,6 +53,8 @@
 #include <benchmark/benchmark.h>
 
 #include "bench_common.hpp"
+#include "bench_limits.hpp"
+#include "bench_peers.hpp"
 
 namespace {
 
@@ -67,6 +81,18 @@ void set_rate(benchmark::State& state, index_t tokens) {
   state.counters["tokens/s"] = Counter(double(tokens), Counter::kIsIterationInvariantRate);
 }
 
+/// dense_ffn's output on input(tokens), 1 thread (the reference of the dense peers' checks).
+const matrix& dense_reference(index_t tokens) {
+  static std::map<index_t, matrix> cache;
+  if (auto it = cache.find(tokens); it != cache.end()) return it->second;
+  const auto& net = dense();
+  const auto ctx = context_for(1);
+  dmoe::workspace_buffer ws(net.workspace_size(ctx, tokens));
+  matrix y(tokens, d_model);
+  dmoe::throw_if_error(net.forward(ctx, input(tokens), y, ws));
+  return cache.emplace(tokens, std::move(y)).first->second;
+}
+
 // ---- (a) dense_ffn ----------------------------------------------------------------------------
 void bm_dense(benchmark::State& state, index_t tokens, int threads) {
   try {
@@ -76,15 +102,13 @@ void bm_dense(benchmark::State& state, index_t tokens, int threads) {
     const matrix& x = input(tokens);
     matrix y(tokens, d_model);
     if (auto s = net.forward(ctx, x, y, ws); !s.ok()) return skip(state, s);  // warm-up
-    for (auto _ : state) {
+    const double secs = timed(state, [&] {
       auto s = net.forward(ctx, x, y, ws);
-      benchmark::ClobberMemory();
-      if (!s.ok()) {
-        skip(state, s);
-        break;
-      }
-    }
+      if (!s.ok()) skip(state, s);
+      return s.ok();
+    });
     set_rate(state, tokens);
+    set_flops(state, net.flops_per_token() * double(tokens), secs, threads);
     state.counters["f"] = 1.0;
     state.counters["exec_frac"] = 1.0;
     state.SetLabel("dense_ffn threads=" + std::to_string(threads));
@@ -97,37 +121,48 @@ void bm_dense(benchmark::State& state, index_t tokens, int threads) {
 void bm_dense_eigen(benchmark::State& state, index_t tokens) {
   try {
     const auto& net = dense();
-    const Eigen::MatrixXf w1 = net.w1(), w2 = net.w2();
-    const Eigen::RowVectorXf b1 = net.b1().transpose(), b2 = net.b2().transpose();
+    dense_eigen_peer<activation> peer(net, tokens);
     const Eigen::MatrixXf x = input(tokens);
-    Eigen::MatrixXf h(tokens, dense_hidden), y(tokens, d_model);
-    auto run = [&] {
-      h.noalias() = x * w1;
-      h = (h.rowwise() + b1).cwiseMax(0.0f);
-      y.noalias() = h * w2;
-      y.rowwise() += b2;
-    };
-    run();
-    // Cross-check the two dense baselines once: they must compute the same function.
-    {
-      const auto ctx = context_for(1);
-      dmoe::workspace_buffer ws(net.workspace_size(ctx, tokens));
-      matrix yd(tokens, d_model);
-      if (auto s = net.forward(ctx, input(tokens), yd, ws); !s.ok()) return skip(state, s);
-      const double err = (yd - y).cwiseAbs().maxCoeff(), scale = 1.0 + double(y.cwiseAbs().maxCoeff());
-      if (!(err <= 1e-4 * scale)) {
-        state.SkipWithError(("dense_eigen and dense_ffn disagree: max |diff| = " + fmt("%g", err)).c_str());
-        return;
-      }
-    }
-    for (auto _ : state) {
-      run();
-      benchmark::ClobberMemory();
-    }
+    Eigen::MatrixXf y(tokens, d_model);
+    peer.forward(x, y);
+    // Cross-check once: the peer must compute dense_ffn's function.
+    if (const double rel = relative_difference(y, dense_reference(tokens)); !(rel <= 1e-4))
+      return fail_check(state, "dense_eigen and dense_ffn disagree: max |diff| / max |y| = " + fmt("%g", rel));
+    const double secs = timed(state, [&] {
+      peer.forward(x, y);
+      return true;
+    });
     set_rate(state, tokens);
+    set_flops(state, net.flops_per_token() * double(tokens), secs, 1);
     state.counters["f"] = 1.0;
     state.counters["exec_frac"] = 1.0;
     state.SetLabel("eigen threads=1");
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
+// ---- (b') OpenBLAS dense MLP ------------------------------------------------------------------------
+void bm_dense_openblas(benchmark::State& state, index_t tokens, int threads) {
+  if (!have_openblas) return state.SkipWithError(no_openblas_message);
+  try {
+    const auto& net = dense();
+    openblas_threads(threads);
+    dense_blas_peer<activation> peer(net, tokens);
+    const matrix& x = input(tokens);
+    matrix y(tokens, d_model);
+    peer.forward(x.data(), d_model, tokens, y.data(), d_model);
+    if (const double rel = relative_difference(y, dense_reference(tokens)); !(rel <= 1e-4))
+      return fail_check(state, "dense_openblas and dense_ffn disagree: max |diff| / max |y| = " + fmt("%g", rel));
+    const double secs = timed(state, [&] {
+      peer.forward(x.data(), d_model, tokens, y.data(), d_model);
+      return true;
+    });
+    set_rate(state, tokens);
+    set_flops(state, net.flops_per_token() * double(tokens), secs, threads);
+    state.counters["f"] = 1.0;
+    state.counters["exec_frac"] = 1.0;
+    state.SetLabel("openblas threads=" + std::to_string(threads));
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
   }
@@ -155,15 +190,13 @@ void bm_moe(benchmark::State& state, index_t tokens, int threads, double target_
     matrix y(tokens, d_model);
     dmoe::routing_stats stats(l.num_experts());
     if (auto s = l.forward(ctx, x, y, ws, &stats); !s.ok()) return skip(state, s);  // warm-up + stats
-    for (auto _ : state) {
+    const double secs = timed(state, [&] {
       auto s = l.forward(ctx, x, y, ws);
-      benchmark::ClobberMemory();
-      if (!s.ok()) {
-        skip(state, s);
-        break;
-      }
-    }
+      if (!s.ok()) skip(state, s);
+      return s.ok();
+    });
     set_rate(state, tokens);
+    set_flops(state, stats.expert_flops, secs, threads);
     state.counters["f"] = stats.active_fraction();
     state.counters["target_f"] = target_f;
     state.counters["mean_k"] = stats.mean_k();
@@ -175,19 +208,73 @@ void bm_moe(benchmark::State& state, index_t tokens, int threads, double target_
   }
 }
 
+/// The per-expert loop peer of the policy's shared layer (built once: the weights never change).
+template <class Policy>
+expert_loop_peer<activation>& loop_peer() {
+  static std::unique_ptr<expert_loop_peer<activation>> p;
+  if (!p) p = std::make_unique<expert_loop_peer<activation>>(layer<Policy>(), max_tokens);
+  return *p;
+}
+
+/// Times the per-expert OpenBLAS loop on the routing plan dmoe's forward makes under the same
+/// setting; checks once that both give the same y.
+template <class Policy, class Configure>
+void bm_loop(benchmark::State& state, index_t tokens, int threads, double target_f, Configure configure) {
+  if (!have_openblas) return state.SkipWithError(no_openblas_message);
+  try {
+    auto& l = layer<Policy>();
+    const std::string setting = configure(l);
+    const auto ctx = context_for(threads);
+    dmoe::workspace_buffer ws(l.workspace_size(ctx, tokens));
+    const matrix& x = input(tokens);
+    matrix y_dmoe(tokens, d_model), y(tokens, d_model);
+    dmoe::routing_stats stats(l.num_experts());
+    if (auto s = l.forward(ctx, x, y_dmoe, ws, &stats); !s.ok()) return skip(state, s);
+    const plan_copy plan = plan_copy::of(l.plan(ws, tokens));
+    auto& peer = loop_peer<Policy>();
+    openblas_threads(threads);
+    peer.forward(x.data(), d_model, plan, y.data(), d_model);
+    const double rel = relative_difference(y, y_dmoe);
+    if (!(rel <= 1e-4))
+      return fail_check(state, "per-expert loop and dmoe forward disagree (" + setting +
+                                   "): max |diff| / max |y| = " + fmt("%g", rel));
+    state.counters["check_rel_diff"] = rel;
+    const double secs = timed(state, [&] {
+      peer.forward(x.data(), d_model, plan, y.data(), d_model);
+      return true;
+    });
+    set_rate(state, tokens);
+    set_flops(state, stats.expert_flops, secs, threads);
+    state.counters["f"] = stats.active_fraction();
+    state.counters["target_f"] = target_f;
+    state.counters["mean_k"] = stats.mean_k();
+    state.counters["experts_used"] = double(experts_used(stats));
+    state.SetLabel("loop(openblas) " + setting + " threads=" + std::to_string(threads));
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
+std::string top_k_setting(layer_t<dmoe::top_k>& l, index_t k) {
+  l.router().set_options({k, true});
+  return "top_k k=" + std::to_string(k);
+}
+
+std::string dynamic_k_setting(layer_t<dmoe::dynamic_k>& l, index_t tokens, double target) {
+  const calibrated c = calibrate_dynamic_k(tokens, target);
+  l.router().set_options({c.value, c.k_max});
+  return "dynamic_k " + (c.k_max > 0 ? "k_max=" + std::to_string(c.k_max) : "tau=" + fmt("%.4f", c.value));
+}
+
 void bm_top_k(benchmark::State& state, index_t tokens, int threads, index_t k) {
-  bm_moe<dmoe::top_k>(state, tokens, threads, double(k) / double(num_experts), [k](layer_t<dmoe::top_k>& l) {
-    l.router().set_options({k, true});
-    return "top_k k=" + std::to_string(k);
-  });
+  bm_moe<dmoe::top_k>(state, tokens, threads, double(k) / double(num_experts),
+                      [k](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k); });
 }
 
 void bm_dynamic_k(benchmark::State& state, index_t tokens, int threads, int percent) {
   const double target = percent / 100.0;
   bm_moe<dmoe::dynamic_k>(state, tokens, threads, target, [tokens, target](layer_t<dmoe::dynamic_k>& l) {
-    const calibrated c = calibrate_dynamic_k(tokens, target);
-    l.router().set_options({c.value, c.k_max});
-    return "dynamic_k " + (c.k_max > 0 ? "k_max=" + std::to_string(c.k_max) : "tau=" + fmt("%.4f", c.value));
+    return dynamic_k_setting(l, tokens, target);
   });
 }
 
@@ -215,12 +302,25 @@ void register_all() {
       };
       reg("dense" + suffix, [=](benchmark::State& s) { bm_dense(s, tokens, threads); });
       if (threads == 1) reg("dense_eigen" + suffix, [=](benchmark::State& s) { bm_dense_eigen(s, tokens); });
-      for (index_t k : top_k_values)
-        reg("moe_top_k" + suffix + "/k:" + std::to_string(k),
-            [=](benchmark::State& s) { bm_top_k(s, tokens, threads, k); });
-      for (int p : target_percents)
-        reg("moe_dynamic_k" + suffix + "/f_pct:" + std::to_string(p),
-            [=](benchmark::State& s) { bm_dynamic_k(s, tokens, threads, p); });
+      reg("dense_openblas" + suffix, [=](benchmark::State& s) { bm_dense_openblas(s, tokens, threads); });
+      // Each MoE run is followed by its per-expert loop twin (same setting, same plan).
+      for (index_t k : top_k_values) {
+        const std::string arg = suffix + "/k:" + std::to_string(k);
+        const double f = double(k) / double(num_experts);
+        reg("moe_top_k" + arg, [=](benchmark::State& s) { bm_top_k(s, tokens, threads, k); });
+        reg("loop_top_k" + arg, [=](benchmark::State& s) {
+          bm_loop<dmoe::top_k>(s, tokens, threads, f, [k](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k); });
+        });
+      }
+      for (int p : target_percents) {
+        const std::string arg = suffix + "/f_pct:" + std::to_string(p);
+        reg("moe_dynamic_k" + arg, [=](benchmark::State& s) { bm_dynamic_k(s, tokens, threads, p); });
+        reg("loop_dynamic_k" + arg, [=](benchmark::State& s) {
+          bm_loop<dmoe::dynamic_k>(s, tokens, threads, p / 100.0, [tokens, p](layer_t<dmoe::dynamic_k>& l) {
+            return dynamic_k_setting(l, tokens, p / 100.0);
+          });
+        });
+      }
       for (int p : target_percents)
         reg("moe_top_any" + suffix + "/f_pct:" + std::to_string(p),
             [=](benchmark::State& s) { bm_top_any(s, tokens, threads, p); });
@@ -280,6 +380,7 @@ void print_help() {
   std::printf(
       "bench_forward: dmoe CPU forward benchmarks, shape S (d_model 768, 24 experts x 128, relu, fp32)\n"
       "  --force   run even from a build without NDEBUG (timings then mean little)\n"
+      "  --dmoe_smoke  quick limits probe (for a smoke run: its figures are not the machine's limits)\n"
       "  Tables:   bench_forward --benchmark_out=f.json --benchmark_out_format=json &&\n"
       "            python3 scripts/bench_table.py f.json\n\n");
   benchmark::PrintDefaultHelp();
@@ -296,6 +397,7 @@ int main(int argc, char** argv) {
     else
       args.push_back(argv[i]);
   }
+  strip_smoke_flag(args);
   if (!(ndebug && optimised) && !force) {
     std::fprintf(stderr,
                  "bench_forward: refusing to time a non-optimised build (%s). Build with -O3 -DNDEBUG "
@@ -316,12 +418,18 @@ int main(int argc, char** argv) {
 #if defined(__VERSION__)
   benchmark::AddCustomContext("compiler", __VERSION__);
 #endif
+  benchmark::AddCustomContext("openblas", openblas_info());
   register_all();
   int n = static_cast<int>(args.size());
   args.push_back(nullptr);
   benchmark::Initialize(&n, args.data(), print_help);
   if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  add_limits_context(probe());  // after Initialize: --help does not wait for the probe
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
+  if (check_failed()) {
+    std::fprintf(stderr, "bench_forward: a peer and dmoe computed different outputs (see above)\n");
+    return 1;
+  }
   return 0;
 }

@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 # SPDX-FileCopyrightText: dmoe authors
-"""Markdown table of MoE-vs-dense ratios from a bench_forward Google Benchmark JSON file.
+"""Markdown tables of MoE-vs-peer ratios from dmoe's Google Benchmark JSON files.
 
     bench_forward --benchmark_out=forward.json --benchmark_out_format=json
     python3 scripts/bench_table.py forward.json [more.json ...] [--out table.md]
+    python3 scripts/bench_table.py m.json                        (bench_shape_m: same tables)
+    python3 scripts/bench_table.py --decode decode.json          (bench_decode: GB/s vs bandwidth)
     python3 scripts/bench_table.py --backward backward.json      (bench_backward: bwd/fwd ratios)
 
-Each MoE run (moe_<policy>/tokens:T/threads:N/...) is matched with the dense runs of the same
-tokens and threads: `dense` (dmoe::dense_ffn, every thread count) and `dense_eigen` (plain Eigen,
-threads 1 only). Columns:
+Each MoE run (moe_<policy>/tokens:T/threads:N/...) is matched with the peers of the same tokens
+and threads measured in the same run: `dense` (dmoe::dense_ffn), `dense_eigen` (plain Eigen,
+threads 1 only), `dense_openblas` (cblas_sgemm) and its per-expert loop twin `loop_<policy>` (same
+arguments, OpenBLAS). bench_shape_m's dense_eq* runs (the equal-FLOPs dense FFN) stand in for the
+dense ones. Columns:
 
-    speedup = t_dense / t_moe          eta = t_dense * f / t_moe   (f = measured active fraction;
-                                                                      1.0 = time linear in f)
+    speedup = t_dense / t_moe          eta = (t_dense / dense FLOPs) * moe FLOPs / t_moe
+                                           = t_dense * f / t_moe for the full-width dense FFN
+                                             (f = measured active fraction; 1.0 = time linear in f)
+    GFLOP/s = executed expert FLOPs / t  (the `flops` counter over the chosen time statistic)
+    % peak  = GFLOP/s over the FMA peak the binary measured for that thread count (context)
+    vs loop = t_loop / t_moe             (> 1: dmoe is faster than the per-expert loop; the loop's
+                                          time leaves out the router, dmoe's includes it)
+    vs best dense = t_best / t_moe, the fastest dense peer of that tokens and threads
 
 With repetitions (--benchmark_repetitions), the median aggregate of each run is used when present
 (--stat picks another aggregate: mean, min; bench_forward adds "min"), otherwise the mean of its
@@ -28,6 +38,9 @@ import sys
 
 TIME_SCALE_TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 COUNTERS = ("f", "target_f", "mean_k", "exec_frac", "experts_used")
+# bench_shape_m's equal-FLOPs dense peers play the part of bench_forward's dense ones.
+DENSE_ALIASES = {"dense_eq": "dense", "dense_eq_eigen": "dense_eigen", "dense_eq_openblas": "dense_openblas"}
+DENSE_NAMES = {"dense": "dense_ffn", "dense_eigen": "eigen", "dense_openblas": "openblas"}
 # Fields of a benchmark entry that are not user counters.
 NON_COUNTERS = {
     "name", "family_index", "per_family_instance_index", "run_name", "run_type", "repetitions",
@@ -109,24 +122,96 @@ def target_label(rec):
 
 
 def build_tables(records):
-    dense = {}
-    eigen = {}
+    """dense, eigen, openblas: {(tokens, threads): record}; moe: sorted MoE records; loops:
+    {run name of the matching moe_ run: loop record}."""
+    dense, eigen, blas, loops = {}, {}, {}, {}
     moe = []
     for r in records:
         a = r["args"]
         if "tokens" not in a or "threads" not in a:
             continue
         key = (a["tokens"], a["threads"])
-        if r["family"] == "dense":
+        fam = DENSE_ALIASES.get(r["family"], r["family"])
+        if fam == "dense":
             dense[key] = r
-        elif r["family"] == "dense_eigen":
+        elif fam == "dense_eigen":
             eigen[key] = r
-        elif r["family"].startswith("moe_"):
-            r["policy"] = r["family"][len("moe_"):]
+        elif fam == "dense_openblas":
+            blas[key] = r
+        elif fam.startswith("moe_"):
+            r["policy"] = fam[len("moe_"):]
             moe.append(r)
+        elif fam.startswith("loop_"):
+            loops["moe_" + r["run_name"][len("loop_"):]] = r
     moe.sort(key=lambda r: (r["args"]["tokens"], r["args"]["threads"], POLICY_ORDER.get(r["policy"], 9),
                             r.get("target_f", 0.0)))
-    return dense, eigen, moe
+    return dense, eigen, blas, moe, loops
+
+
+def eta(base, r):
+    """FLOP rate of r over base's: t_base * (flops_r / flops_base) / t_r; with no flops counters
+    (older files) t_base * f / t_r, f being r's measured active fraction."""
+    if "flops" in r and base.get("flops"):
+        return base["t_ms"] * (r["flops"] / base["flops"]) / r["t_ms"]
+    f = r.get("f")
+    return base["t_ms"] * f / r["t_ms"] if f is not None else float("nan")
+
+
+def peak_for(ctx, threads):
+    """The FMA peak (GFLOP/s) the binary measured for `threads` (bench_limits.hpp's fma_peak)."""
+    try:
+        p1 = float(ctx["limit_fma_gflops_1t"])
+        pall = float(ctx["limit_fma_gflops_all"])
+        nall = int(ctx["limit_threads_all"])
+    except (KeyError, ValueError):
+        return None
+    if threads <= 1:
+        return p1
+    return pall if threads >= nall else min(p1 * threads, pall)
+
+
+def gflops(r):
+    return r["flops"] / (r["t_ms"] * 1e-3) / 1e9 if r.get("flops") and r["t_ms"] > 0 else None
+
+
+def limits_line(ctx):
+    if "limit_fma_gflops_1t" not in ctx:
+        return None
+    n = ctx.get("limit_threads_all", "?")
+    smoke = " **(smoke-run probe: not the machine's limits)**" if "limit_smoke" in ctx else ""
+    return (f"Limits measured by the binary in this run{smoke}: fp32 FMA peak ({ctx.get('limit_fma_isa', '?')}) "
+            f"{ctx['limit_fma_gflops_1t']} GFLOP/s on 1 thread, {ctx.get('limit_fma_gflops_all', '?')} on {n}; "
+            f"read {ctx.get('limit_read_gbs_1t', '?')} / {ctx.get('limit_read_gbs_all', '?')} GB/s and copy "
+            f"{ctx.get('limit_copy_gbs_1t', '?')} / {ctx.get('limit_copy_gbs_all', '?')} GB/s (1 / {n} threads) over "
+            f"{ctx.get('limit_bw_buffer_mib', '?')} MiB; LLC {ctx.get('limit_llc_mib', '?')} MiB.")
+
+
+def peers_markdown(dense, eigen, blas, moe, loops, ctx):
+    """Per MoE run: its FLOP rate, % of peak, and time ratios to the loop and the best dense peer."""
+    head = ["policy", "tokens", "threads", "setting", "f", "t_moe ms", "GFLOP/s", "% peak", "t_loop ms",
+            "vs loop", "t_openblas ms", "speedup openblas", "eta openblas", "best dense", "vs best dense",
+            "eta best"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    for r in moe:
+        a = r["args"]
+        key = (a["tokens"], a["threads"])
+        g = gflops(r)
+        peak = peak_for(ctx, a["threads"])
+        loop = loops.get(r["run_name"])
+        b = blas.get(key)
+        cands = [(n, x) for n, x in (("dense_ffn", dense.get(key)), ("eigen", eigen.get((key[0], 1)) if key[1] == 1 else None),
+                                     ("openblas", b)) if x is not None]
+        best = min(cands, key=lambda c: c[1]["t_ms"]) if cands else None
+        f = r.get("f")
+        row = [r["policy"], str(a["tokens"]), str(a["threads"]), target_label(r), f"{f:.3f}" if f is not None else "",
+               fmt_time(r["t_ms"]), f"{g:.1f}" if g else "", f"{100 * g / peak:.1f}" if g and peak else "",
+               fmt_time(loop["t_ms"]) if loop else "", f"{loop['t_ms'] / r['t_ms']:.2f}x" if loop else "",
+               fmt_time(b["t_ms"]) if b else "", f"{b['t_ms'] / r['t_ms']:.2f}x" if b else "",
+               f"{eta(b, r):.2f}" if b else "",
+               best[0] if best else "", f"{best[1]['t_ms'] / r['t_ms']:.2f}x" if best else "",
+               f"{eta(best[1], r):.2f}" if best else ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def markdown(dense, eigen, moe):
@@ -150,20 +235,58 @@ def markdown(dense, eigen, moe):
                 missing += i == 0
                 continue
             speedup = base["t_ms"] / r["t_ms"]
-            eta = base["t_ms"] * f / r["t_ms"] if f is not None else float("nan")
-            row += [fmt_time(base["t_ms"]), f"{speedup:.2f}x", f"{eta:.2f}"]
+            row += [fmt_time(base["t_ms"]), f"{speedup:.2f}x", f"{eta(base, r):.2f}"]
         lines.append("| " + " | ".join(row) + " |")
     return lines, missing
 
 
-def dense_summary(dense, eigen):
-    lines = ["| tokens | threads | t_dense ms (dense_ffn) | t_eigen ms (plain Eigen, 1 thread) | dense_ffn / eigen |",
-             "|---:|---:|---:|---:|---:|"]
-    for key in sorted(dense):
-        d = dense[key]
+def dense_summary(dense, eigen, blas, ctx):
+    """The dense peers side by side, with their FLOP rates against the measured peak."""
+    lines = ["| tokens | threads | t_dense ms (dense_ffn) | % peak | t_eigen ms (plain Eigen, 1 thread) | % peak | "
+             "t_openblas ms | % peak | dense_ffn / eigen | dense_ffn / openblas |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in sorted(set(dense) | set(blas)):
+        d, b = dense.get(key), blas.get(key)
         e = eigen.get((key[0], 1))
-        ratio = f"{d['t_ms'] / e['t_ms']:.2f}" if e else ""
-        lines.append(f"| {key[0]} | {key[1]} | {fmt_time(d['t_ms'])} | {fmt_time(e['t_ms']) if e else ''} | {ratio} |")
+
+        def pct(x, threads=key[1]):
+            p = peak_for(ctx, threads)
+            g = gflops(x) if x else None
+            return f"{100 * g / p:.1f}" if g and p else ""
+
+        cells = [str(key[0]), str(key[1]), fmt_time(d["t_ms"]) if d else "", pct(d), fmt_time(e["t_ms"]) if e else "",
+                 pct(e, 1), fmt_time(b["t_ms"]) if b else "", pct(b),
+                 f"{d['t_ms'] / e['t_ms']:.2f}" if d and e else "", f"{d['t_ms'] / b['t_ms']:.2f}" if d and b else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def decode_markdown(records, ctx):
+    """bench_decode: GB/s of the weight bytes touched per step against the measured read bandwidth."""
+    runs = {}
+    for r in records:
+        m = re.fullmatch(r"decode_(hot|dram)", r["family"])
+        parts = r["run_name"].split("/")
+        if not m or len(parts) < 2 or "tokens" not in r["args"]:
+            continue
+        runs[(parts[1], r["args"]["tokens"], r["args"].get("threads", 1), m.group(1))] = r
+    head = ["type", "tokens", "threads", "layers", "touched MB", "touched / LLC", "t_step ms", "GB/s",
+            "read bw GB/s", "% read bw", "hot GB/s (4 layers)", "dram / hot"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    for key in sorted(k for k in runs if k[3] == "dram"):
+        r = runs[key]
+        hot = runs.get((key[0], key[1], key[2], "hot"))
+        gbs = r["touched_MB"] * 1e6 / (r["t_ms"] * 1e-3) / 1e9 if r.get("touched_MB") else None
+        hot_gbs = hot["touched_MB"] * 1e6 / (hot["t_ms"] * 1e-3) / 1e9 if hot and hot.get("touched_MB") else None
+        bw_key = "limit_read_gbs_1t" if key[2] <= 1 else "limit_read_gbs_all"
+        bw = float(ctx[bw_key]) if bw_key in ctx else None
+        if bw and key[2] > 1 and str(key[2]) != ctx.get("limit_threads_all"):
+            bw = None  # only the 1-thread and all-threads figures are measured
+        row = [key[0], str(key[1]), str(key[2]), f"{r.get('layers', 0):.0f}", f"{r.get('touched_MB', 0):.0f}",
+               f"{r.get('touched_vs_llc', 0):.2f}", fmt_time(r["t_ms"]), f"{gbs:.1f}" if gbs else "",
+               f"{bw:.1f}" if bw else "", f"{100 * gbs / bw:.0f}" if gbs and bw else "",
+               f"{hot_gbs:.1f}" if hot_gbs else "", f"{gbs / hot_gbs:.2f}" if gbs and hot_gbs else ""]
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
@@ -205,7 +328,7 @@ def backward_markdown(records):
 
 def context_line(ctx):
     keys = ["date", "host_name", "num_cpus", "mhz_per_cpu", "dmoe_version", "dmoe_build_type", "compiler_isa",
-            "library_build_type"]
+            "dmoe_shape", "openblas", "library_build_type"]
     parts = [f"{k}={ctx[k]}" for k in keys if k in ctx]
     return "; ".join(parts)
 
@@ -220,6 +343,7 @@ def main(argv=None):
                     help="aggregate to use when the file has repetitions (median, mean, min; default median)")
     ap.add_argument("--no-dense-summary", action="store_true", help="omit the dense-baseline table")
     ap.add_argument("--backward", action="store_true", help="the file is from bench_backward: backward tables")
+    ap.add_argument("--decode", action="store_true", help="the file is from bench_decode: bandwidth table")
     args = ap.parse_args(argv)
 
     merged = {}
@@ -246,7 +370,23 @@ def main(argv=None):
             with open(args.out, "w", encoding="utf-8") as fh:
                 fh.write(text + "\n")
         return 0
-    dense, eigen, moe = build_tables(records)
+    how = {r["how"] for r in records}
+    how_text = " / ".join("single run" if h == "mean" and all(r["n"] <= 1 for r in records) else h for h in sorted(how))
+    if args.decode or (records and all(r["family"].startswith("decode_") for r in records)):
+        out = [f"<!-- {context_line(ctx)} -->"] if ctx else []
+        if limits_line(ctx):
+            out += [limits_line(ctx), ""]
+        out.append(f"Times are wall clock per step through all layers ({how_text}); GB/s = weight bytes the step "
+                   "touches / t_step.")
+        out.append("")
+        out += decode_markdown(records, ctx)
+        text = "\n".join(out)
+        print(text)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return 0
+    dense, eigen, blas, moe, loops = build_tables(records)
     if not moe:
         print("bench_table.py: no moe_* runs in the file", file=sys.stderr)
         return 1
@@ -255,16 +395,22 @@ def main(argv=None):
     if ctx:
         more = f"; merged from {', '.join(args.json)}" if len(args.json) > 1 else ""
         out.append(f"<!-- {context_line(ctx)}{more} -->")
-    how = {r["how"] for r in records}
-    how_text = " / ".join("single run" if h == "mean" and all(r["n"] <= 1 for r in records) else h for h in sorted(how))
+    if limits_line(ctx):
+        out += [limits_line(ctx), ""]
     out.append(f"Times are wall clock per forward ({how_text}); "
                "speedup = t_dense / t_moe, eta = t_dense * f / t_moe (1.0 = linear in f).")
     out.append("")
     table, missing = markdown(dense, eigen, moe)
     out += table
-    if not args.no_dense_summary and dense:
+    if blas or loops or any("flops" in r for r in moe):
         out.append("")
-        out += dense_summary(dense, eigen)
+        out.append("Against the peers (GFLOP/s = executed expert FLOPs / t_moe; % peak of the measured FMA peak; "
+                   "vs = t_peer / t_moe; the loop's time leaves out the router):")
+        out.append("")
+        out += peers_markdown(dense, eigen, blas, moe, loops, ctx)
+    if not args.no_dense_summary and (dense or blas):
+        out.append("")
+        out += dense_summary(dense, eigen, blas, ctx)
     text = "\n".join(out)
     print(text)
     if args.out:

@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: MIT
 # Sourced by scripts/test.sh and scripts/demo.sh: installs the Debian packages dmoe needs when
 # one is missing (apt-get, with sudo when not root). Usage: ensure_packages NAME
-packages=(cmake make g++ libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev)
+# libopenblas-dev: the OpenBLAS peers of the benchmarks (bench/bench_peers.hpp; optional in CMake).
+packages=(cmake make g++ libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev libopenblas-dev)
 
 ensure_packages() {
   if ! command -v dpkg-query >/dev/null 2>&1; then
