@@ -559,10 +559,10 @@ NB_MODULE(_core, m) {
       .def_prop_ro("active_fraction", &routing_stats::active_fraction, "expert FLOPs / dense FLOPs")
       .def_prop_ro("executed_fraction", &routing_stats::executed_fraction, "(router + expert FLOPs) / dense FLOPs")
       .def_prop_ro("k_histogram",
-                   [](const routing_stats& s) { return copy_array<index_t>(s.k_histogram.data(), {s.k_histogram.size()}); },
+                   [](const routing_stats& s) { return nb::cast(copy_array<index_t>(s.k_histogram.data(), {s.k_histogram.size()})); },
                    "tokens that ran 0, 1, ..., E experts")
       .def_prop_ro("tokens_per_expert", [](const routing_stats& s) {
-        return copy_array<index_t>(s.tokens_per_expert.data(), {s.tokens_per_expert.size()});
+        return nb::cast(copy_array<index_t>(s.tokens_per_expert.data(), {s.tokens_per_expert.size()}));
       });
 
   nb::class_<py_layer>(m, "MoELayer", "A Mixture-of-Experts layer over dmoe's CPU kernels (float32).")
@@ -946,7 +946,8 @@ NB_MODULE(_core, m) {
       .def_ro("width", &neuron_split::width)
       .def_prop_ro("neurons",
                    [](const neuron_split& s) {
-                     return copy_array<index_t>(s.neurons.data(), {std::size_t(s.num_experts), std::size_t(s.width)});
+                     return nb::cast(
+                         copy_array<index_t>(s.neurons.data(), {std::size_t(s.num_experts), std::size_t(s.width)}));
                    },
                    "(num_experts, width): expert e's neurons, ascending")
       .def_ro("inertia", &neuron_split::inertia)
@@ -1115,14 +1116,14 @@ NB_MODULE(_core, m) {
           "window_counts",
           [](nb::handle self) {
             auto& a = nb::cast<py_adapter&>(self);
-            return view_array<double>(a.a.window_counts().data(), {a.a.window_counts().size()}, self);
+            return nb::cast(view_array<double>(a.a.window_counts().data(), {a.a.window_counts().size()}, self));
           },
           "R_E: tokens that fired each slot in the window (float64, zero-copy: all-reduce it in place).")
       .def_prop_ro(
           "window_unrouted",
           [](nb::handle self) {
             auto& a = nb::cast<py_adapter&>(self);
-            return view_array<double>(a.a.window_unrouted().data(), {a.a.window_unrouted().size()}, self);
+            return nb::cast(view_array<double>(a.a.window_unrouted().data(), {a.a.window_unrouted().size()}, self));
           },
           "R_S: sum of the inputs that fired nothing (float64, zero-copy: all-reduce it in place).");
 
