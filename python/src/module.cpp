@@ -95,11 +95,13 @@ struct fmat {
 
 /// Views `obj` as a (rows x cols) float32 matrix. want_rows / want_cols < 0: any.
 fmat as_matrix(nb::handle obj, const char* fn, const char* arg, bool writable, index_t want_rows, index_t want_cols) {
+  // A tensor that requires grad would be read (or written) behind autograd's back.
+  if (nb::hasattr(obj, "requires_grad") &&
+      nb::cast<bool>(obj.attr("requires_grad")))
+    type_error("%s: %s is a tensor that requires grad; use dmoe.torch.MoE for autograd, or pass %s.detach()", fn,
+               arg, arg);
   any_array a;
   if (!nb::try_cast<any_array>(obj, a, /*convert=*/false)) {
-    if (nb::hasattr(obj, "requires_grad") && nb::cast<bool>(obj.attr("requires_grad")))
-      type_error("%s: %s is a tensor that requires grad; use dmoe.torch.MoE for autograd, or pass %s.detach()", fn,
-                 arg, arg);
     type_error("%s: %s must be a float32 array (NumPy, or a tensor supporting DLPack such as torch.Tensor), got %s",
                fn, arg, type_name_of(obj).c_str());
   }
