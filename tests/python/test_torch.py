@@ -86,7 +86,6 @@ def test_gradients_match_torch_reference(policy, act):
     loss = (y * dy).sum() + sum(c * aux[k] for k, c in aw.items())
     loss.backward()
 
-    plan = m.layer.plan(workspace=None) if False else None
     # the same forward again without autograd leaves the plan in the layer's own workspace
     with torch.no_grad():
         y2 = m(x.detach())
