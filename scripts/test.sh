@@ -33,4 +33,7 @@ if [[ "${DMOE_SKIP_ASAN:-0}" != 1 ]]; then
   ctest --preset asan -j "$jobs" --output-on-failure
 fi
 
+step "python: package build and pytest"
+bash scripts/test_python.sh
+
 step "all checks passed"
