@@ -239,6 +239,9 @@ class MoELayer:
         of expert (ascending ids) and weight.
         """
 
+    def mark_modified(self) -> None:
+        """Declares that parameters were written through arrays taken earlier; the packed copy of w1/w2 is rebuilt on the next forward."""
+
     def parameters(self, group: str = 'all') -> dict:
         """
         Zero-copy NumPy views of the parameters, by name: w1 (E, f*n, d), b1 (E, f*n), w2 (E, d, n),
@@ -345,6 +348,9 @@ class DenseFFN:
     def flops_per_token(self) -> float: ...
 
     def randomize(self, seed: int) -> None: ...
+
+    def mark_modified(self) -> None:
+        """Declares that parameters were written through arrays taken earlier; the packed copy of w1/w2 is rebuilt on the next forward."""
 
     def parameters(self) -> dict:
         """

@@ -142,6 +142,12 @@ class MoE(nn.Module):
                     f"replaced, e.g. by .to()/.cuda()/.double() or assigning .data); dmoe runs float32 on the CPU "
                     f"and reads its own storage. Update parameters in place (optimizers do) instead."
                 )
+        # The C++ kernels read a packed copy of w1/w2; torch's version counters tell when an
+        # optimizer step or an in-place edit wrote the shared storage, and then it is repacked.
+        versions = tuple(getattr(self, n)._version for n in self._param_names)
+        if versions != getattr(self, "_seen_versions", None):
+            self.layer.mark_modified()
+            self._seen_versions = versions
 
     def train(self, mode: bool = True) -> "MoE":
         super().train(mode)

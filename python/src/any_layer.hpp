@@ -76,6 +76,8 @@ class any_layer {
   virtual routing_plan<float> plan(workspace ws, index_t tokens) const noexcept = 0;
 
   virtual std::vector<tensor_desc> parameters(param_group group) = 0;
+  /// The weights were written through views taken earlier: repack the kernels' panels.
+  virtual void mark_modified() noexcept = 0;
   virtual expert_weights<float>& experts() noexcept = 0;
 
   /// The routers, for the policy-specific calls (null for another policy).
@@ -116,6 +118,7 @@ class any_dense {
   virtual void randomize(std::uint64_t seed) = 0;
   /// w1 (f*F, d) [nn.Linear layout; gated: gate rows first], b1 (f*F), w2 (d, F), b2 (d).
   virtual std::vector<tensor_desc> parameters() = 0;
+  virtual void mark_modified() noexcept = 0;
   virtual neuron_split split(index_t num_experts, const split_options& opt) const = 0;
   virtual void save(const std::string& path, const ffn_names& names, st_dtype dtype) const = 0;
 };

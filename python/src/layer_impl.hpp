@@ -128,6 +128,7 @@ class layer_impl final : public any_layer {
     return describe(layer_.parameters(group), layer_.config(), fn_width(), router_hidden());
   }
   expert_weights<float>& experts() noexcept override { return layer_.experts(); }
+  void mark_modified() noexcept override { layer_.experts().mark_modified(); }
 
   top_any_router<float>* top_any() noexcept override {
     if constexpr (std::is_same_v<Policy, dmoe::top_any>)
@@ -220,6 +221,7 @@ class dense_impl final : public any_dense {
     return ffn_.forward(ctx, x, y, ws);
   }
   void randomize(std::uint64_t seed) override { ffn_.randomize(seed); }
+  void mark_modified() noexcept override { ffn_.mark_modified(); }
   std::vector<tensor_desc> parameters() override {
     const std::size_t d = usize(ffn_.d_model()), F = usize(ffn_.hidden()), fF = usize(width_factor<Act>) * F;
     return {{"w1", ffn_.w1().data(), {fF, d}},

@@ -760,6 +760,10 @@ NB_MODULE(_core, m) {
           nb::kw_only(), "workspace"_a.none() = nb::none(),
           "Routing plan of the last forward (copies): token t's slots are token_offsets[t]:token_offsets[t+1]\n"
           "of expert (ascending ids) and weight.")
+      .def("mark_modified", [](py_layer& l) { l.impl->mark_modified(); },
+          "Declares that parameters were written through arrays taken earlier (parameters() views): the\n"
+          "CPU kernels keep a packed copy of w1/w2 and repack it on the next forward. dmoe.torch.MoE calls\n"
+          "this when torch's parameter version counters moved (optimizer steps, in-place edits).")
       .def(
           "parameters",
           [](nb::handle self, const std::string& group) {
@@ -992,6 +996,10 @@ NB_MODULE(_core, m) {
       .def_prop_ro("hidden", [](const py_dense& d) { return d.impl->hidden(); })
       .def_prop_ro("flops_per_token", [](const py_dense& d) { return d.impl->flops_per_token(); })
       .def("randomize", [](py_dense& d, std::uint64_t seed) { d.impl->randomize(seed); }, "seed"_a)
+      .def("mark_modified", [](py_dense& d) { d.impl->mark_modified(); },
+          "Declares that parameters were written through arrays taken earlier (parameters() views): the\n"
+          "CPU kernels keep a packed copy of w1/w2 and repack it on the next forward. dmoe.torch.MoE calls\n"
+          "this when torch's parameter version counters moved (optimizer steps, in-place edits).")
       .def(
           "parameters",
           [](nb::handle self) {
