@@ -52,7 +52,7 @@ TEST_SUITE("convert") {
       auto g = make_gen(4200 + std::uint64_t(i));
       const index_t d = 4 + g.integer(0, 8), E = 3 + g.integer(0, 6), n = 1 + g.integer(0, 6), H = 2 + g.integer(0, 8);
       const index_t T = 5 + g.integer(0, 60);
-      const index_t k_max = (i % 2) ? 1 + g.integer(0, E - 1) : 0;
+      const index_t k_max = (i % 2) ? 1 + g.integer(0, int(E - 1)) : 0;
       CAPTURE(d);
       CAPTURE(E);
       CAPTURE(T);
