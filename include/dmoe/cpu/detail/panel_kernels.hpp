@@ -252,8 +252,10 @@ inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_sour
                           const T* init, T* c, index_t ldc) noexcept {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "panel_product: float or double");
   if (m <= 0 || N <= 0) return;
-  constexpr tile_shape t512 = tile_for<T>(cpu_isa::avx512), t2 = tile_for<T>(cpu_isa::avx2),
-                       tp = tile_for<T>(cpu_isa::portable);
+  constexpr tile_shape tp = tile_for<T>(cpu_isa::portable);
+#if DMOE_HAVE_X86_KERNELS
+  constexpr tile_shape t512 = tile_for<T>(cpu_isa::avx512), t2 = tile_for<T>(cpu_isa::avx2);
+#endif
   switch (isa) {
 #if DMOE_HAVE_X86_KERNELS
     case cpu_isa::avx512:
