@@ -117,10 +117,10 @@ double dense_mlp_ms(index_t T, index_t d, index_t hidden, bool gated, int reps) 
   const index_t h1 = gated ? 2 * hidden : hidden;
   dmoe::device_array<bf16> x{std::size_t(T * d)}, w1{std::size_t(d * h1)}, b1{std::size_t(h1)},
       h{std::size_t(T * h1)}, w2{std::size_t(hidden * d)}, y{std::size_t(T * d)};
-  dmoe::cuda_detail::fill_uniform(x.data(), x.size(), 1, 1.f);
-  dmoe::cuda_detail::fill_uniform(w1.data(), w1.size(), 2, 0.03f);
-  dmoe::cuda_detail::fill_uniform(b1.data(), b1.size(), 3, 0.03f);
-  dmoe::cuda_detail::fill_uniform(w2.data(), w2.size(), 4, 0.03f);
+  dmoe::detail::cuda_backend::fill_uniform(x.data(), x.size(), 1, 1.f);
+  dmoe::detail::cuda_backend::fill_uniform(w1.data(), w1.size(), 2, 0.03f);
+  dmoe::detail::cuda_backend::fill_uniform(b1.data(), b1.size(), 3, 0.03f);
+  dmoe::detail::cuda_backend::fill_uniform(w2.data(), w2.size(), 4, 0.03f);
   const float one = 1.f, zero = 0.f;
   const auto run = [&] {
     // Row-major (T x d) x (d x h1) = column-major h^T (h1 x T) = W1^T (h1 x d) x^T (d x T).
@@ -148,7 +148,7 @@ struct moe_setup {
       : layer(std::make_unique<layer_t>(cfg, opt)), x(std::size_t(tokens * cfg.d_model)),
         y(std::size_t(tokens * cfg.d_model)), T(tokens) {
     layer->randomize(42);
-    dmoe::cuda_detail::fill_uniform(x.data(), x.size(), 7, 1.f);
+    dmoe::detail::cuda_backend::fill_uniform(x.data(), x.size(), 7, 1.f);
     ws = dmoe::device_array<unsigned char>(layer->workspace_size(dmoe::workspace_bounds{tokens, 1}));
   }
   void forward(dmoe::routing_stats* st = nullptr) {

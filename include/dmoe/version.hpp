@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "core/namespace.hpp"
 /// \file
 /// The one source of dmoe's version. CMake reads these three macros with a regex.
 
@@ -8,10 +9,10 @@
 #define DMOE_VERSION_MINOR 1
 #define DMOE_VERSION_PATCH 0
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 struct version_info { int major, minor, patch; };
 /// The version of the headers in use.
 constexpr version_info version() noexcept {
   return {DMOE_VERSION_MAJOR, DMOE_VERSION_MINOR, DMOE_VERSION_PATCH};
 }
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

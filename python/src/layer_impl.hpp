@@ -66,7 +66,7 @@ class layer_impl final : public any_layer {
   layer_impl(const moe_config& cfg, const layer_options& o) : layer_(cfg, to_policy_options<Policy>(o)) {}
   explicit layer_impl(layer_type&& l) : layer_(std::move(l)) {}
 
-  const char* policy() const noexcept override { return io_detail::policy_name<Policy>(); }
+  const char* policy() const noexcept override { return detail::io::policy_name<Policy>(); }
   const char* activation() const noexcept override { return Act::name; }
   const moe_config& config() const noexcept override { return layer_.config(); }
   layer_options options() const override {
@@ -182,7 +182,7 @@ class layer_impl final : public any_layer {
   template <class R>
   R not_dynamic_k(const char* who) const {
     detail::raisef(errc::invalid_argument, "%s: needs a dynamic_k layer (the D2DMoE router), this layer is %s", who,
-                   io_detail::policy_name<Policy>());
+                   detail::io::policy_name<Policy>());
   }
   index_t fn_width() const noexcept { return width_factor<Act> * layer_.expert_width(); }
   index_t router_hidden() const noexcept {

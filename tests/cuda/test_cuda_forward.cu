@@ -56,8 +56,8 @@ float round_to(float v) {
     return v;
   } else {
     T t;
-    dmoe::cuda_detail::convert_to_storage(&v, 1, &t);
-    return dmoe::cuda_detail::storage_to_float(t);
+    dmoe::detail::cuda_backend::convert_to_storage(&v, 1, &t);
+    return dmoe::detail::cuda_backend::storage_to_float(t);
   }
 }
 template <class T>
@@ -130,13 +130,13 @@ struct host_result {
 template <class T>
 std::vector<T> to_storage(const std::vector<float>& v) {
   std::vector<T> out(v.size());
-  dmoe::cuda_detail::convert_to_storage(v.data(), v.size(), out.data());
+  dmoe::detail::cuda_backend::convert_to_storage(v.data(), v.size(), out.data());
   return out;
 }
 template <class T>
 std::vector<float> from_storage(const std::vector<T>& v) {
   std::vector<float> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = dmoe::cuda_detail::storage_to_float(v[i]);
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = dmoe::detail::cuda_backend::storage_to_float(v[i]);
   return out;
 }
 
@@ -500,19 +500,19 @@ TEST_SUITE("cuda") {
     splitmix g(77, 5, 3);
     for (int i = 0; i < 200000; ++i) {
       const float v = i < 100000 ? float(g.normal() * std::ldexp(1.0, g.integer(-40, 40)))
-                                 : dmoe::cuda_detail::bits_float(std::uint32_t(g.next()));
+                                 : dmoe::detail::cuda_backend::bits_float(std::uint32_t(g.next()));
       const __half h = __float2half_rn(v);
       const __nv_bfloat16 b = __float2bfloat16_rn(v);
       const auto hb = static_cast<__half_raw>(h).x, bb = static_cast<__nv_bfloat16_raw>(b).x;
       if (std::isnan(v)) {
-        CHECK(std::isnan(dmoe::cuda_detail::half_bits_to_float(dmoe::cuda_detail::float_to_half_bits(v))));
-        CHECK(std::isnan(dmoe::cuda_detail::bf16_bits_to_float(dmoe::cuda_detail::float_to_bf16_bits(v))));
+        CHECK(std::isnan(dmoe::detail::cuda_backend::half_bits_to_float(dmoe::detail::cuda_backend::float_to_half_bits(v))));
+        CHECK(std::isnan(dmoe::detail::cuda_backend::bf16_bits_to_float(dmoe::detail::cuda_backend::float_to_bf16_bits(v))));
         continue;
       }
-      REQUIRE(dmoe::cuda_detail::float_to_half_bits(v) == hb);
-      REQUIRE(dmoe::cuda_detail::float_to_bf16_bits(v) == bb);
-      REQUIRE(dmoe::cuda_detail::storage_to_float(h) == __half2float(h));
-      REQUIRE(dmoe::cuda_detail::storage_to_float(b) == __bfloat162float(b));
+      REQUIRE(dmoe::detail::cuda_backend::float_to_half_bits(v) == hb);
+      REQUIRE(dmoe::detail::cuda_backend::float_to_bf16_bits(v) == bb);
+      REQUIRE(dmoe::detail::cuda_backend::storage_to_float(h) == __half2float(h));
+      REQUIRE(dmoe::detail::cuda_backend::storage_to_float(b) == __bfloat162float(b));
     }
   }
 }

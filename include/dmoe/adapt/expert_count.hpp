@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// DynMoE's adaptive expert count (docs/algorithms.md section 4), for a top-any layer.
 /// Record window: R_E[e] += number of tokens that fired slot e; R_S += sum of the raw inputs of
@@ -23,7 +24,7 @@
 #include "../core/views.hpp"
 #include "../routing/routers.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// What one update changed.
 struct adapt_report {
@@ -128,4 +129,4 @@ class expert_count_adapter {
   long steps_ = 0;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

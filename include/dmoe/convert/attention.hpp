@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Attention projections -> MLPs (docs/algorithms.md section 5.5, D2DMoE's extension): a d x d
 /// linear map y = x W + b becomes an MLP d -> h -> d of the same cost, h = round((d^2 + d) /
@@ -45,7 +46,7 @@
 #include "../train/optimizers.hpp"
 #include "../train/parameters.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Hidden width of the MLP replacing a d x d projection at equal cost: round((d^2 + d) / (2d + 1)).
 inline index_t attention_mlp_hidden(index_t d) {
@@ -101,7 +102,7 @@ struct attention_mlp {
   attention_mlp_report report;
 };
 
-namespace convert_detail {
+namespace detail::conversion {
 
 /// Keeps a parameter out of template argument deduction (std::type_identity is C++20), so that
 /// row-major Eigen matrices convert to matrix_view<const T> with T taken from the weight.
@@ -178,7 +179,7 @@ double mlp_loss(const dense_ffn<T, Act>& f, const X& x, const Y& y, T scale, dou
   return mse + lambda * sparsity;
 }
 
-}  // namespace convert_detail
+}  // namespace detail::conversion
 
 /// Trains an MLP d -> h -> d (activation Act, ReLU by default) to reproduce the linear map
 /// y = x W + b on the inputs x (tokens x d, the projection's real inputs).
@@ -188,9 +189,9 @@ double mlp_loss(const dense_ffn<T, Act>& f, const X& x, const Y& y, T scale, dou
 /// diverging loss.
 template <class Act = relu, class T>
 attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const column_vector<T>& bias,
-                                        typename convert_detail::mlp_no_deduce<matrix_view<const T>>::type x,
+                                        typename detail::conversion::mlp_no_deduce<matrix_view<const T>>::type x,
                                         const attention_mlp_options& opt = {},
-                                        typename convert_detail::mlp_no_deduce<matrix_view<const T>>::type heldout_x = {},
+                                        typename detail::conversion::mlp_no_deduce<matrix_view<const T>>::type heldout_x = {},
                                         weight_layout layout = weight_layout::in_out,
                                         const attention_mlp_callback& progress = {}) {
   static_assert(!Act::gated,
@@ -222,8 +223,8 @@ attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const colum
     detail::raisef(errc::invalid_argument, "fit_attention_mlp: options.optimizer: %s", os.message());
   if (!weight.allFinite() || !bias.allFinite())
     detail::raisef(errc::invalid_argument, "fit_attention_mlp: weight or bias contains NaN or infinity");
-  convert_detail::mlp_check_finite("x", x);
-  if (heldout_x.rows > 0) convert_detail::mlp_check_finite("heldout_x", heldout_x);
+  detail::conversion::mlp_check_finite("x", x);
+  if (heldout_x.rows > 0) detail::conversion::mlp_check_finite("heldout_x", heldout_x);
 
   const auto start = std::chrono::steady_clock::now();
   const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
@@ -231,11 +232,11 @@ attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const colum
   const col_matrix<T> W = layout == weight_layout::in_out ? col_matrix<T>(weight) : col_matrix<T>(weight.transpose());
   const column_vector<T> b = bias.size() ? bias : column_vector<T>(column_vector<T>::Zero(d));
   const auto targets_of = [&](matrix_view<const T> in) {
-    row_matrix<T> y = convert_detail::mlp_map(in) * W;
+    row_matrix<T> y = detail::conversion::mlp_map(in) * W;
     y.rowwise() += b.transpose();
     return y;
   };
-  const auto X = convert_detail::mlp_map(x);
+  const auto X = detail::conversion::mlp_map(x);
   const row_matrix<T> Y = targets_of(x);
   const double ms_raw = double(Y.squaredNorm()) / (double(N) * double(d));
   const T inv_ms = T(1.0 / (ms_raw > 0 ? ms_raw : 1.0));
@@ -246,7 +247,7 @@ attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const colum
   attention_mlp_report& rep = res.report;
   rep.hidden = h;
   double dummy = 0;
-  convert_detail::mlp_evaluate(f, X, Y, rep.initial_relative_error, dummy);
+  detail::conversion::mlp_evaluate(f, X, Y, rep.initial_relative_error, dummy);
 
   dense_ffn<T, Act> grad(d, h);
   const auto params_of = [](dense_ffn<T, Act>& m) {
@@ -280,7 +281,7 @@ attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const colum
       lambda = ramp_steps > 0 ? opt.sparsity_weight * (std::min)(1.0, double(rep.steps + 1) / ramp_steps)
                               : opt.sparsity_weight;
       double mse = 0;
-      const double loss = convert_detail::mlp_loss(f, xb.topRows(rows), yb.topRows(rows),
+      const double loss = detail::conversion::mlp_loss(f, xb.topRows(rows), yb.topRows(rows),
                                                    inv_ms / (T(rows) * T(d)), lambda, grad, mse);
       throw_if_error(optimizer.step(grad_params));
       ++rep.steps;
@@ -296,14 +297,14 @@ attention_mlp<T, Act> fit_attention_mlp(const col_matrix<T>& weight, const colum
       progress(attention_mlp_progress{rep.tokens_seen, epoch_loss / double(N), elapsed(), epoch, opt.epochs, rep.steps,
                                       epoch_mse / double(N), lambda});
   }
-  convert_detail::mlp_evaluate(f, X, Y, rep.relative_error, rep.active_fraction);
+  detail::conversion::mlp_evaluate(f, X, Y, rep.relative_error, rep.active_fraction);
   if (heldout_x.rows > 0) {
     const row_matrix<T> Yh = targets_of(heldout_x);
-    convert_detail::mlp_evaluate(f, convert_detail::mlp_map(heldout_x), Yh, rep.heldout_relative_error,
+    detail::conversion::mlp_evaluate(f, detail::conversion::mlp_map(heldout_x), Yh, rep.heldout_relative_error,
                                  rep.heldout_active_fraction);
   }
   rep.seconds = elapsed();
   return res;
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Choosing a dynamic-k layer's tau for a FLOPs budget (docs/python.md, "Conversion").
 ///
@@ -18,7 +19,7 @@
 
 #include "sweep.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Result of tau_for_flops.
 struct tau_search_result {
@@ -55,7 +56,7 @@ tau_search_result tau_for_flops(const context<cpu>& ctx,
   if (x.rows <= 0 || x.cols != layer.d_model())
     detail::raisef(errc::invalid_argument, "tau_for_flops: x is (%td x %td), expected (tokens >= 1 x d_model = %td)",
                    x.rows, x.cols, layer.d_model());
-  convert_detail::options_guard<std::decay_t<decltype(layer)>> guard(layer);
+  detail::conversion::options_guard<std::decay_t<decltype(layer)>> guard(layer);
   const index_t k_max = guard.saved.k_max;
 
   row_matrix<T> y_all;
@@ -66,7 +67,7 @@ tau_search_result tau_for_flops(const context<cpu>& ctx,
     throw_if_error(layer.forward(ctx, x, matrix_view<T>(y_all), ws));
     y_ref = matrix_view<const T>(y_all);
   }
-  convert_detail::check_sweep_inputs("tau_for_flops", layer, x, y_ref);
+  detail::conversion::check_sweep_inputs("tau_for_flops", layer, x, y_ref);
 
   tau_search_result r;
   const auto measure = [&](double tau) {
@@ -103,4 +104,4 @@ tau_search_result tau_for_flops(const context<cpu>& ctx,
   return r;
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

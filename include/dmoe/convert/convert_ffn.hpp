@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Dense FFN -> MoE layer (docs/algorithms.md section 5.2): expert e receives the neurons the
 /// split gives it, in the split's order. A neuron's W1 column, b1 entry and W2 row move together
@@ -14,7 +15,7 @@
 #include "../cpu/moe_layer.hpp"
 #include "split.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Builds the MoE layer of `dense` split by `split`.
 /// \tparam Policy dmoe::dynamic_k (the D2DMoE conversion), dmoe::top_k or dmoe::top_any
@@ -56,4 +57,4 @@ moe_layer<T, cpu, Policy, Act> to_moe(const dense_ffn<T, Act>& dense, const neur
   return layer;
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

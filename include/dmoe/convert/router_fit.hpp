@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Fitting the router of a converted dynamic-k layer on calibration inputs (docs/algorithms.md
 /// sections 3 and 5.3), with the experts frozen. Two kinds of target, one regression machinery:
@@ -37,7 +38,7 @@
 #include "../train/optimizers.hpp"
 #include "../train/parameters.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// What the router learns to predict per (token, expert).
 enum class router_target {
@@ -97,7 +98,7 @@ row_matrix<T> router_targets(const expert_weights<T>& experts, input_view<T> x, 
                                               : expert_summed_activations<Activation>(experts, x);
 }
 
-namespace convert_detail {
+namespace detail::conversion {
 
 template <class T>
 void check_finite(const char* who, const char* what, matrix_view<const T> m) {
@@ -119,7 +120,7 @@ param_list<T> router_params(dynamic_k_router<T>& r) {
   return out;
 }
 
-}  // namespace convert_detail
+}  // namespace detail::conversion
 
 /// Fits `router` to predict `targets` (tokens x num_experts) from `x` (tokens x d_model).
 /// If the router's weights are all zero (as to_moe leaves them), they are first randomized from
@@ -148,16 +149,16 @@ router_fit_report fit_router(dynamic_k_router<T>& router, input_view<T> x,
     detail::raisef(errc::invalid_argument, "fit_router: options.batch_size must be positive, got %td", opt.batch_size);
   if (const status os = check_options(opt.optimizer); !os.ok())
     detail::raisef(errc::invalid_argument, "fit_router: options.optimizer: %s", os.message());
-  convert_detail::check_finite("fit_router", "x", x);
-  convert_detail::check_finite("fit_router", "targets", targets);
+  detail::conversion::check_finite("fit_router", "x", x);
+  detail::conversion::check_finite("fit_router", "targets", targets);
   if (heldout_x.rows > 0) {
-    convert_detail::check_finite("fit_router", "heldout_x", heldout_x);
-    convert_detail::check_finite("fit_router", "heldout_targets", heldout_targets);
+    detail::conversion::check_finite("fit_router", "heldout_x", heldout_x);
+    detail::conversion::check_finite("fit_router", "heldout_targets", heldout_targets);
   }
 
   const auto start = std::chrono::steady_clock::now();
   const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
-  if (convert_detail::all_zero(router)) router.randomize(opt.seed ^ 0xD2D0E5EEDULL);
+  if (detail::conversion::all_zero(router)) router.randomize(opt.seed ^ 0xD2D0E5EEDULL);
 
   router_fit_report rep;
   {
@@ -170,8 +171,8 @@ router_fit_report fit_router(dynamic_k_router<T>& router, input_view<T> x,
   if (has_heldout) rep.heldout_initial_loss = double(router_regression_loss(router, heldout_x, heldout_targets));
 
   dynamic_k_router<T> grad(d, E, router.options(), router.hidden());
-  adamw<T> optimizer(convert_detail::router_params(router), opt.optimizer);
-  const param_list<T> grad_params = convert_detail::router_params(grad);
+  adamw<T> optimizer(detail::conversion::router_params(router), opt.optimizer);
+  const param_list<T> grad_params = detail::conversion::router_params(grad);
 
   const index_t B = (std::min)(opt.batch_size, N);
   row_matrix<T> xb(B, d), yb(B, E);
@@ -221,4 +222,4 @@ router_fit_report fit_router(moe_layer<T, cpu, dynamic_k, Activation, Experts, W
   return fit_router<T>(layer.router(), x, matrix_view<const T>(y), opt, heldout_x, matrix_view<const T>(yh), progress);
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

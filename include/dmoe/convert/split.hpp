@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Neuron split of a dense FFN into E experts of equal width (docs/algorithms.md section 5.2,
 /// after MoEfication): balanced k-means on the neurons' unit-normalised input-weight vectors,
@@ -28,7 +29,7 @@
 #include "../routing/routers.hpp"
 #include "detail/balanced_assignment.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// How neurons are grouped into experts.
 enum class split_method {
@@ -101,7 +102,7 @@ inline void validate_split(const neuron_split& s, index_t hidden, const char* wh
     }
 }
 
-namespace convert_detail {
+namespace detail::conversion {
 
 using dmat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
 
@@ -279,7 +280,7 @@ inline neuron_split split_features(const dmat& X, index_t E, const split_options
   return best;
 }
 
-}  // namespace convert_detail
+}  // namespace detail::conversion
 
 /// Splits F neurons into num_experts experts of width F / num_experts.
 /// \param w1 (d_model x F): column j is neuron j's input-weight vector (our W1 layout; PyTorch's
@@ -287,14 +288,14 @@ inline neuron_split split_features(const dmat& X, index_t E, const split_options
 /// Throws dmoe::error if F % num_experts != 0, num_experts is not in [1, F], w1 is empty or not finite.
 template <class T>
 neuron_split split_neurons(const col_matrix<T>& w1, index_t num_experts, const split_options& opt = {}) {
-  return convert_detail::split_features(convert_detail::unit_columns(w1), num_experts, opt, "split_neurons");
+  return detail::conversion::split_features(detail::conversion::unit_columns(w1), num_experts, opt, "split_neurons");
 }
 
 /// The same for any Eigen expression whose columns are the neurons, e.g. the transpose of a
 /// PyTorch (F x d_model) first-layer weight: split_neurons(w_torch.transpose(), E).
 template <class Derived>
 neuron_split split_neurons(const Eigen::MatrixBase<Derived>& w1, index_t num_experts, const split_options& opt = {}) {
-  return convert_detail::split_features(convert_detail::unit_columns(w1), num_experts, opt, "split_neurons");
+  return detail::conversion::split_features(detail::conversion::unit_columns(w1), num_experts, opt, "split_neurons");
 }
 
 /// Splits a dense FFN's hidden units. Gated FFNs (SwiGLU, GeGLU) are clustered on their gate
@@ -307,14 +308,14 @@ neuron_split split_neurons(const dense_ffn<T, Act>& dense, index_t num_experts, 
   if constexpr (Act::gated) {
     if (opt.gated == gated_features::gate_and_up) {
       const index_t d = dense.d_model();
-      convert_detail::dmat X(2 * d, F);
-      X.topRows(d) = convert_detail::unit_columns(dense.w1().leftCols(F));
-      X.bottomRows(d) = convert_detail::unit_columns(dense.w1().rightCols(F));
-      return convert_detail::split_features(convert_detail::unit_columns(X), num_experts, opt, "split_neurons");
+      detail::conversion::dmat X(2 * d, F);
+      X.topRows(d) = detail::conversion::unit_columns(dense.w1().leftCols(F));
+      X.bottomRows(d) = detail::conversion::unit_columns(dense.w1().rightCols(F));
+      return detail::conversion::split_features(detail::conversion::unit_columns(X), num_experts, opt, "split_neurons");
     }
   }
-  return convert_detail::split_features(convert_detail::unit_columns(dense.w1().leftCols(F)), num_experts, opt,
+  return detail::conversion::split_features(detail::conversion::unit_columns(dense.w1().leftCols(F)), num_experts, opt,
                                         "split_neurons");
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

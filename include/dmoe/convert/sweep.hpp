@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Cost/accuracy sweeps of a converted dynamic-k layer (docs/algorithms.md sections 3, 5.4, 6):
 /// the router is trained once, then tau (dynamic-k) or k (top-k by the router's score, i.e. tau = 0
@@ -40,7 +41,7 @@
 #include "../routing/routers.hpp"
 #include "../routing/stats.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// One measured setting of a sweep.
 struct sweep_point {
@@ -69,7 +70,7 @@ row_matrix<T> dense_output(const context<cpu>& ctx, const dense_ffn<T, Activatio
   return y;
 }
 
-namespace convert_detail {
+namespace detail::conversion {
 
 /// Relative Frobenius error, mean per-token relative error and mean per-token cosine of y against
 /// y_ref, accumulated in double.
@@ -122,14 +123,14 @@ struct options_guard {
   options_guard& operator=(const options_guard&) = delete;
 };
 
-}  // namespace convert_detail
+}  // namespace detail::conversion
 
 /// Measures the layer with its current router options on x against y_ref.
 template <class T, class Activation, std::size_t Experts, std::size_t Width>
 sweep_point measure_point(const context<cpu>& ctx, const moe_layer<T, cpu, dynamic_k, Activation, Experts, Width>& layer,
                           input_view<T> x, input_view<T> y_ref,
                           const std::string& router_name, const std::string& policy = "dynamic_k") {
-  convert_detail::check_sweep_inputs("measure_point", layer, x, y_ref);
+  detail::conversion::check_sweep_inputs("measure_point", layer, x, y_ref);
   row_matrix<T> y(x.rows, layer.d_model());
   workspace_buffer ws(layer.workspace_size(ctx, x.rows));
   routing_stats stats(layer.num_experts());
@@ -145,7 +146,7 @@ sweep_point measure_point(const context<cpu>& ctx, const moe_layer<T, cpu, dynam
   p.flops_fraction = stats.executed_fraction();
   p.expert_fraction = stats.active_fraction();
   p.router_fraction = stats.dense_flops > 0 ? stats.router_flops / stats.dense_flops : 0.0;
-  convert_detail::compare_outputs<T>(matrix_view<const T>(y), y_ref, p.rel_error, p.token_rel_error,
+  detail::conversion::compare_outputs<T>(matrix_view<const T>(y), y_ref, p.rel_error, p.token_rel_error,
                                      p.mean_cosine);
   return p;
 }
@@ -157,8 +158,8 @@ std::vector<sweep_point> sweep_dynamic_k(const context<cpu>& ctx,
                                          moe_layer<T, cpu, dynamic_k, Activation, Experts, Width>& layer,
                                          input_view<T> x, input_view<T> y_ref,
                                          const std::vector<double>& taus, const std::string& router_name = "d2dmoe") {
-  convert_detail::check_sweep_inputs("sweep_dynamic_k", layer, x, y_ref);
-  convert_detail::options_guard<std::decay_t<decltype(layer)>> guard(layer);
+  detail::conversion::check_sweep_inputs("sweep_dynamic_k", layer, x, y_ref);
+  detail::conversion::options_guard<std::decay_t<decltype(layer)>> guard(layer);
   std::vector<sweep_point> out;
   for (double tau : taus) {
     layer.router().set_options({tau, guard.saved.k_max});  // throws on tau outside [0, 1]
@@ -175,8 +176,8 @@ std::vector<sweep_point> sweep_top_k(const context<cpu>& ctx,
                                      moe_layer<T, cpu, dynamic_k, Activation, Experts, Width>& layer,
                                      input_view<T> x, input_view<T> y_ref,
                                      const std::vector<index_t>& ks, const std::string& router_name = "moefication") {
-  convert_detail::check_sweep_inputs("sweep_top_k", layer, x, y_ref);
-  convert_detail::options_guard<std::decay_t<decltype(layer)>> guard(layer);
+  detail::conversion::check_sweep_inputs("sweep_top_k", layer, x, y_ref);
+  detail::conversion::options_guard<std::decay_t<decltype(layer)>> guard(layer);
   std::vector<sweep_point> out;
   for (index_t k : ks) {
     if (k < 1 || k > layer.num_experts())
@@ -247,4 +248,4 @@ inline void write_sweep_csv(const std::string& path, const std::vector<sweep_poi
   if (!f) detail::raisef(errc::invalid_argument, "write_sweep_csv: writing '%s' failed", path.c_str());
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

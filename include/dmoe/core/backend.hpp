@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "namespace.hpp"
 /// \file
 /// Backend tags and their runtime contexts. A user switches backend by changing one template
 /// argument of the layer.
@@ -12,7 +13,7 @@
 // C++ (no CUDA headers), so a CPU-only build compiles this file unchanged.
 struct CUstream_st;
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// CPU backend: Eigen kernels, parallelism through an executor.
 struct cpu {};
@@ -46,4 +47,4 @@ struct context<cuda> {
   CUstream_st* stream = nullptr;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

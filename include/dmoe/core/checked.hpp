@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "namespace.hpp"
 /// \file
 /// Overflow-checked size arithmetic: the one helper every place that multiplies or adds sizes
 /// uses (configs, weight storage, workspace sizes, file offsets). A size that does not fit is an
@@ -15,7 +16,7 @@
 #include "config.hpp"
 #include "status.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 namespace detail {
 
 /// a * b into `out`; false (out untouched) on overflow or a negative operand.
@@ -101,4 +102,4 @@ void allocate_or_throw(const char* what, index_t count, std::size_t elem_bytes, 
 }
 
 }  // namespace detail
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "namespace.hpp"
 /// \file
 /// Portability macros and the basic index type.
 
@@ -20,7 +21,7 @@
 #define DMOE_HAS_EXCEPTIONS 0
 #endif
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 /// Signed index type used for every extent and offset (matches Eigen::Index).
 using index_t = std::ptrdiff_t;
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

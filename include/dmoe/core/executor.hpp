@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "namespace.hpp"
 /// \file
 /// CPU parallelism goes only through an executor passed in the context: no global thread knobs.
 /// Work is cut into tasks whose boundaries never depend on the thread count, so results are
@@ -17,7 +18,7 @@
 
 #include "config.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Runs independent tasks. Implementations must run every task in [0, n) exactly once and
 /// return when all have finished.
@@ -158,4 +159,4 @@ class thread_pool final : public executor {
   std::atomic<bool> stop_{false};
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

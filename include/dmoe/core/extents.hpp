@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "namespace.hpp"
 /// \file
 /// Static-or-dynamic sizes, the mdspan way: a size known at compile time costs no storage and
 /// lets the compiler fold it; `dynamic_extent` defers it to run time.
@@ -10,7 +11,7 @@
 
 #include "config.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Marks an extent whose value is given at run time.
 inline constexpr std::size_t dynamic_extent = (std::numeric_limits<std::size_t>::max)();
@@ -39,4 +40,4 @@ struct extent_value<dynamic_extent> {
   index_t v_ = 0;
 };
 }  // namespace detail
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "namespace.hpp"
 /// \file
 /// Error reporting. Hot-path calls (route, forward, backward) are noexcept and return a
 /// [[nodiscard]] `status`; cold paths (construction, IO, conversion) throw `dmoe::error`.
@@ -15,7 +16,7 @@
 
 #include "config.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Error categories.
 enum class errc : int {
@@ -121,7 +122,7 @@ inline void throw_if_error(const status& s) {
   if (!s.ok()) detail::raise(s.code(), std::string(to_string(s.code())) + ": " + s.message());
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe
 
 /// Returns from the enclosing function if the status expression failed.
 #define DMOE_TRY(expr)                          \

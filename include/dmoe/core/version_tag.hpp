@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "namespace.hpp"
 /// \file
 /// A stamp that changes whenever the data it guards may have changed. Weights keep one so that
 /// the copies the CPU kernels read (packed panels) know when to be rebuilt: every non-const
@@ -11,7 +12,7 @@
 #include <atomic>
 #include <cstdint>
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 class version_tag {
  public:
@@ -33,4 +34,4 @@ class version_tag {
   std::atomic<std::uint64_t> value_;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "namespace.hpp"
 /// \file
 /// Non-owning views over the caller's storage. Tokens are rows (row-vector convention of
 /// docs/algorithms.md, Notation): a batch of T tokens of width d is a row-major T x d matrix whose rows
@@ -13,7 +14,7 @@
 
 #include "config.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 namespace detail {
 // Detects a class derived from Eigen::DenseBase<D> (Matrix, Array, Map, Ref, Block, Transpose, ...)
@@ -152,4 +153,4 @@ using input_view = typename detail::nondeduced<matrix_view<const T>>::type;
 template <class T>
 using row_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

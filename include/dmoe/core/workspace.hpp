@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "namespace.hpp"
 /// \file
 /// Caller-provided scratch memory. Hot-path calls never allocate: a layer says how many bytes
 /// it needs for given worst-case bounds, the caller provides them once and reuses them.
@@ -14,7 +15,7 @@
 #include "checked.hpp"
 #include "config.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// A block of caller-owned memory.
 struct workspace {
@@ -173,4 +174,4 @@ class instance_id {
 };
 
 }  // namespace detail
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

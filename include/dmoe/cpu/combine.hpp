@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// CPU combine and its backward, per token in fixed tasks of tokens (no atomics, no reduction
 /// across threads): y_t = b2 + sum over t's slots in slot order of w_s out[slot]; the slot
@@ -13,7 +14,7 @@
 #include "layout.hpp"
 #include "tasks.hpp"
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// y = b2 (or 0) + sum_s w_s out[slot_pos[s]] per token.
 template <class T>
@@ -66,4 +67,4 @@ void output_bias_grad(matrix_view<const T> dy, T* db2, index_t d) noexcept {
     for (index_t j = 0; j < d; ++j) db2[j] += dy(t, j);
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

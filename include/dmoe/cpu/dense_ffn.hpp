@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Dense FFN y = act(x W1 + b1) W2 + b2 on the CPU, with the same kernels, task cut and
 /// executor as the MoE layer. It is the baseline every benchmark ratio is taken against and the
@@ -28,7 +29,7 @@
 #include "kernels.hpp"
 #include "tasks.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Dense feed-forward block. Layout as one big expert: W1 (d_model x f*F) column-major
 /// (neuron-major; gated: [gate F | up F]), b1 (f*F), W2 (F x d_model) column-major, b2 (d_model).
@@ -52,13 +53,13 @@ class dense_ffn {
     b1_ = column_vector<T>::Zero(width_factor<Activation> * hidden);
     w2_ = col_matrix<T>::Zero(hidden, d_model);
     b2_ = column_vector<T>::Zero(d_model);
-    const index_t nr = cpu_detail::max_panel_width<T>(), fF = width_factor<Activation> * hidden;
-    w1p_ = cpu_detail::aligned_array<T>(
+    const index_t nr = detail::cpu_backend::max_panel_width<T>(), fF = width_factor<Activation> * hidden;
+    w1p_ = detail::cpu_backend::aligned_array<T>(
         "dense_ffn packed w1", detail::checked_product_or_throw("dense_ffn packed w1", d_model,
-                                                                cpu_detail::packed_panel_elems(1, fF, nr)));
-    w2p_ = cpu_detail::aligned_array<T>(
+                                                                detail::cpu_backend::packed_panel_elems(1, fF, nr)));
+    w2p_ = detail::cpu_backend::aligned_array<T>(
         "dense_ffn packed w2", detail::checked_product_or_throw("dense_ffn packed w2", hidden,
-                                                                cpu_detail::packed_panel_elems(1, d_model, nr)));
+                                                                detail::cpu_backend::packed_panel_elems(1, d_model, nr)));
   }
   dense_ffn(const dense_ffn& o)
       : w1_(o.w1_), b1_(o.b1_), w2_(o.w2_), b2_(o.b2_), version_(o.version_), w1p_(o.w1p_), w2p_(o.w2p_) {
@@ -160,25 +161,25 @@ class dense_ffn {
     const auto s = carve(c, threads);
     const cpu_isa isa = active_cpu_isa();
     refresh_packed(isa);
-    const index_t nr = cpu_detail::tile_for<T>(isa).nr();
-    const auto w1p = cpu_detail::panel_b<T>::packed(w1p_.data(), d, nr);
-    const auto w2p = cpu_detail::panel_b<T>::packed(w2p_.data(), F, nr);
+    const index_t nr = detail::cpu_backend::tile_for<T>(isa).nr();
+    const auto w1p = detail::cpu_backend::panel_b<T>::packed(w1p_.data(), d, nr);
+    const auto w2p = detail::cpu_backend::panel_b<T>::packed(w2p_.data(), F, nr);
     const index_t ld = fF + F;
-    const index_t tasks = (x.rows + cpu_detail::rows_per_task - 1) / cpu_detail::rows_per_task;
+    const index_t tasks = (x.rows + detail::cpu_backend::rows_per_task - 1) / detail::cpu_backend::rows_per_task;
     ctx.parallel_for(tasks, [&](index_t task, index_t worker) noexcept {
-      const index_t t0 = task * cpu_detail::rows_per_task, rows = (std::min)(cpu_detail::rows_per_task, x.rows - t0);
+      const index_t t0 = task * detail::cpu_backend::rows_per_task, rows = (std::min)(detail::cpu_backend::rows_per_task, x.rows - t0);
       T* pre = s.hidden.get(worker);
       T* post = pre + fF;
-      cpu_detail::panel_product<T>(isa, rows, fF, d, {x.row(t0), x.row_stride, nullptr}, w1p, b1_.data(), pre, ld);
-      cpu_detail::activate_rows<Activation>(pre, post, rows, F, ld);
-      cpu_detail::panel_product<T>(isa, rows, d, F, {post, ld, nullptr}, w2p, b2_.data(), y.row(t0), y.row_stride);
+      detail::cpu_backend::panel_product<T>(isa, rows, fF, d, {x.row(t0), x.row_stride, nullptr}, w1p, b1_.data(), pre, ld);
+      detail::cpu_backend::activate_rows<Activation>(pre, post, rows, F, ld);
+      detail::cpu_backend::panel_product<T>(isa, rows, d, F, {post, ld, nullptr}, w2p, b2_.data(), y.row(t0), y.row_stride);
     });
     return {};
   }
 
  private:
   struct scratch {
-    cpu_detail::worker_scratch<T> hidden;
+    detail::cpu_backend::worker_scratch<T> hidden;
   };
   /// Packs W1 and W2 into panels for `isa` if they changed since (concurrent forwards: one packs).
   void refresh_packed(cpu_isa isa) const noexcept {
@@ -190,16 +191,16 @@ class dense_ffn {
     std::lock_guard<std::mutex> lock(pack_mutex_);
     if (current()) return;
     const std::uint64_t v = version_.value();
-    const index_t d = d_model(), F = hidden(), fF = width_factor<Activation> * F, nr = cpu_detail::tile_for<T>(isa).nr();
-    cpu_detail::pack_panels<T>(d, fF, w1_.data(), 1, d, nr, w1p_.data());
-    cpu_detail::pack_panels<T>(F, d, w2_.data(), 1, F, nr, w2p_.data());
+    const index_t d = d_model(), F = hidden(), fF = width_factor<Activation> * F, nr = detail::cpu_backend::tile_for<T>(isa).nr();
+    detail::cpu_backend::pack_panels<T>(d, fF, w1_.data(), 1, d, nr, w1p_.data());
+    detail::cpu_backend::pack_panels<T>(F, d, w2_.data(), 1, F, nr, w2p_.data());
     packed_isa_.store(static_cast<int>(isa), std::memory_order_relaxed);
     packed_version_.store(v, std::memory_order_release);
   }
   scratch carve(detail::carver& c, index_t threads) const noexcept {
     const index_t F = hidden(), fF = width_factor<Activation> * F;
     scratch s;
-    s.hidden.stride = cpu_detail::round16(cpu_detail::rows_per_task * (fF + F));
+    s.hidden.stride = detail::cpu_backend::round16(detail::cpu_backend::rows_per_task * (fF + F));
     s.hidden.base = c.take<T>(c.mul(threads, s.hidden.stride));
     return s;
   }
@@ -209,10 +210,10 @@ class dense_ffn {
   col_matrix<T> w2_;
   column_vector<T> b2_;
   version_tag version_;
-  mutable cpu_detail::aligned_array<T> w1p_, w2p_;  // panels: a cache of w1_/w2_ (refresh_packed)
+  mutable detail::cpu_backend::aligned_array<T> w1p_, w2p_;  // panels: a cache of w1_/w2_ (refresh_packed)
   mutable std::atomic<std::uint64_t> packed_version_{0};
   mutable std::atomic<int> packed_isa_{-1};
   mutable std::mutex pack_mutex_;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

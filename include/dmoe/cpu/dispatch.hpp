@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// CPU dispatch: a counting sort of the plan's slots into expert-major order, stable in token
 /// order (so each expert's rows are in token order, whatever the thread count), then the task
@@ -12,7 +13,7 @@
 #include "layout.hpp"
 #include "tasks.hpp"
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// Fills expert_offsets, sorted_token, sorted_slot, slot_pos and the task list from b.plan.
 /// Returns the number of tasks.
@@ -44,4 +45,4 @@ index_t dispatch(layer_buffers<T>& b, index_t E) noexcept {
   return n_tasks;
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

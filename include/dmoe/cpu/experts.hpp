@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// CPU experts: the two products of every expert over its sorted rows, the activation between
 /// them, and their backward. Forward runs one task per (expert, up to rows_per_task sorted
@@ -26,7 +27,7 @@
 #include "layout.hpp"
 #include "tasks.hpp"
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// Applies the activation on one task's rows: post = act(pre) (gated: act(gate) * up).
 template <class Act, class T>
@@ -147,4 +148,4 @@ void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_vie
   });
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Matrix products for the CPU hot path. We drive Eigen's own blocked GEMM kernel
 /// (general_matrix_matrix_product) with packing buffers carved from the caller's workspace:
@@ -19,7 +20,7 @@
 static_assert(EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4,
               "dmoe/cpu/gemm.hpp drives Eigen 3.4's internal GEMM; other Eigen versions need a port");
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// Storage order of a matrix operand.
 enum class order { row_major, col_major };
@@ -85,4 +86,4 @@ inline void gemm_acc(index_t m, index_t n, index_t k, const T* a, index_t lda, c
   gemm<order::row_major, BO>(m, n, k, a, lda, b, ldb, c, ldc, blocking, pack);
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// The router's product: C += A B^T with both operands read along contiguous rows
 /// ("dot-product form"). A's rows are tokens; B's rows are the router's weight vectors (one per
@@ -29,7 +30,7 @@
 #define DMOE_HAVE_AVX2_KERNEL 0
 #endif
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// Scratch a product may need on the fallback path (gathered A rows, Eigen packing panels).
 template <class T>
@@ -162,4 +163,4 @@ inline void product_nt(index_t m, index_t N, index_t K, row_source<T> a, const T
   }
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

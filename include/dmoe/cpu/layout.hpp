@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// The CPU layer's workspace layout: which buffers one call uses and where they live. One
 /// routine (carve_layer) gives both the size (measuring carver) and the pointers (real base), so
@@ -21,7 +22,7 @@
 #include "route_backward.hpp"
 #include "tasks.hpp"
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// Where every buffer of a layer call lives in the workspace.
 template <class T>
@@ -157,4 +158,4 @@ index_t fitting_slots(const layer_dims& dm, index_t tokens, index_t threads, ind
   return lo;
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

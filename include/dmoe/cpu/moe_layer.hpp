@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// The dmoe::cpu specialisation of moe_layer: the public API and the orchestration. The work is
 /// in rooms that mirror cuda/ (docs/design.md):
@@ -37,7 +38,7 @@
 #include "route.hpp"
 #include "route_backward.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// MoE layer on the CPU. See layer/moe_layer.hpp for the template parameters.
 ///
@@ -93,7 +94,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     const index_t threads = b.max_threads < 1 ? 1 : b.max_threads;
     index_t slots = 0;
     bool ovf = !spec::slot_bound(b.max_tokens, router_.max_k(), fixed_k ? 0 : b.max_slots, slots);
-    const std::size_t bytes = ovf ? 0 : cpu_detail::layout_bytes<T>(dims(), b.max_tokens, threads, slots, ovf);
+    const std::size_t bytes = ovf ? 0 : detail::cpu_backend::layout_bytes<T>(dims(), b.max_tokens, threads, slots, ovf);
     if (ovf || b.max_tokens < 0) throw_if_error(size_overflow("moe_layer::workspace_size", b.max_tokens, threads));
     return bytes;
   }
@@ -117,15 +118,15 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
       if (stats) stats->record(routing_plan<T>{0, num_experts(), nullptr, nullptr, nullptr}, flops_per_slot(), 0.0);
       return {};
     }
-    cpu_detail::layer_buffers<T> b;
+    detail::cpu_backend::layer_buffers<T> b;
     DMOE_TRY(forward_buffers(ws, tokens, ctx.concurrency(), b));
     *b.stamp = stamp(tokens, b.slot_capacity, detail::workspace_stamp::running);  // a failed forward stays so
-    DMOE_TRY(cpu_detail::route(ctx, router_, x, b.plan, b.slot_capacity, b.router, b.pack, b.select));
-    const index_t n_tasks = cpu_detail::dispatch(b, num_experts());
+    DMOE_TRY(detail::cpu_backend::route(ctx, router_, x, b.plan, b.slot_capacity, b.router, b.pack, b.select));
+    const index_t n_tasks = detail::cpu_backend::dispatch(b, num_experts());
     const cpu_isa isa = active_cpu_isa();
     packed_.refresh(experts_, isa);  // no-op unless the weights or the instruction set changed
-    cpu_detail::run_experts<Activation>(ctx, isa, x, experts_, packed_, b, n_tasks);
-    cpu_detail::combine(ctx, y, b, cfg_.d_model, experts_.output_bias_ptr());
+    detail::cpu_backend::run_experts<Activation>(ctx, isa, x, experts_, packed_, b, n_tasks);
+    detail::cpu_backend::combine(ctx, y, b, cfg_.d_model, experts_.output_bias_ptr());
     b.stamp->state = detail::workspace_stamp::complete;
     if (stats) stats->record(b.plan, flops_per_slot(), spec::router_flops_per_token(cfg_));
     return {};
@@ -161,7 +162,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
   /// policies are 0).
   aux_losses aux_loss_values(workspace ws, index_t tokens) const noexcept {
     auto b = state_buffers(ws, tokens);
-    return cpu_detail::aux_values(router_, b.plan, b.router, b.rgrad.expert_tmp);
+    return detail::cpu_backend::aux_values(router_, b.plan, b.router, b.rgrad.expert_tmp);
   }
 
   /// Backward of the last forward. Overwrites `grads` and `dx` with dL/dparams and dL/dx for
@@ -184,17 +185,17 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
       grads.experts.set_zero();
       grads.router.set_zero();
       if constexpr (std::is_same_v<Policy, top_any>)  // parameter-only terms need no tokens
-        cpu_detail::top_any_parameter_terms(router_, aux, grads.router);
+        detail::cpu_backend::top_any_parameter_terms(router_, aux, grads.router);
       return {};
     }
-    cpu_detail::layer_buffers<T> b;
+    detail::cpu_backend::layer_buffers<T> b;
     DMOE_TRY(backward_buffers(ws, tokens, ctx.concurrency(), b));
     grads.experts.set_zero();
-    cpu_detail::slot_weight_grads(ctx, dy, b, cfg_.d_model);
-    cpu_detail::expert_backward<Activation>(ctx, x, dy, experts_, grads.experts, b);
-    cpu_detail::route_backward(router_, x, b.plan, b.router, b.dweight, aux, grads.router, dx, b.rgrad);
-    cpu_detail::input_grads(ctx, dx, b, cfg_.d_model);
-    cpu_detail::output_bias_grad(
+    detail::cpu_backend::slot_weight_grads(ctx, dy, b, cfg_.d_model);
+    detail::cpu_backend::expert_backward<Activation>(ctx, x, dy, experts_, grads.experts, b);
+    detail::cpu_backend::route_backward(router_, x, b.plan, b.router, b.dweight, aux, grads.router, dx, b.rgrad);
+    detail::cpu_backend::input_grads(ctx, dx, b, cfg_.d_model);
+    detail::cpu_backend::output_bias_grad(
         dy, grads.experts.output_bias_storage().empty() ? nullptr : grads.experts.output_bias_storage().data(),
         cfg_.d_model);
     return {};
@@ -216,9 +217,9 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
       return router_type(c.d_model, c.num_experts, opt);
   }
 
-  cpu_detail::layer_dims dims() const noexcept {
-    return cpu_detail::make_dims<T>(cfg_.d_model, num_experts(), expert_width(), width_factor<Activation>,
-                                    router_.max_k(), cpu_detail::router_hidden_width(router_), fixed_k);
+  detail::cpu_backend::layer_dims dims() const noexcept {
+    return detail::cpu_backend::make_dims<T>(cfg_.d_model, num_experts(), expert_width(), width_factor<Activation>,
+                                    router_.max_k(), detail::cpu_backend::router_hidden_width(router_), fixed_k);
   }
 
   status size_overflow(const char* who, index_t tokens, index_t threads) const noexcept {
@@ -230,22 +231,22 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
 
   /// The forward's layout: top-k needs room for tokens * k slots; dynamic-k and top-any take the
   /// largest slot capacity the workspace has room for (route refuses a batch that needs more).
-  status forward_buffers(workspace ws, index_t tokens, index_t threads, cpu_detail::layer_buffers<T>& b) const noexcept {
+  status forward_buffers(workspace ws, index_t tokens, index_t threads, detail::cpu_backend::layer_buffers<T>& b) const noexcept {
     index_t worst = 0;
     if (!spec::slot_bound(tokens, router_.max_k(), 0, worst)) return size_overflow("moe_layer::forward", tokens, threads);
     const auto dm = dims();
     bool ovf = false;
-    const std::size_t need = cpu_detail::layout_bytes<T>(dm, tokens, threads, worst, ovf);
-    const std::size_t least = ovf || fixed_k ? need : cpu_detail::layout_bytes<T>(dm, tokens, threads, 0, ovf);
+    const std::size_t need = detail::cpu_backend::layout_bytes<T>(dm, tokens, threads, worst, ovf);
+    const std::size_t least = ovf || fixed_k ? need : detail::cpu_backend::layout_bytes<T>(dm, tokens, threads, 0, ovf);
     if (ovf) return size_overflow("moe_layer::forward", tokens, threads);
     if (ws.data == nullptr || ws.bytes < least)
       return status::failure(errc::workspace_too_small,
                              "moe_layer::forward: workspace has %zu bytes at %p, %td tokens with %td threads need "
                              "%zu (workspace_size)",
                              ws.bytes, ws.data, tokens, threads, need);
-    const index_t slots = fixed_k ? worst : cpu_detail::fitting_slots<T>(dm, tokens, threads, worst, ws.bytes);
+    const index_t slots = fixed_k ? worst : detail::cpu_backend::fitting_slots<T>(dm, tokens, threads, worst, ws.bytes);
     detail::carver c(detail::carver::align(ws.data));
-    b = cpu_detail::carve_layer<T>(c, dm, tokens, threads, slots);
+    b = detail::cpu_backend::carve_layer<T>(c, dm, tokens, threads, slots);
     return {};
   }
 
@@ -264,7 +265,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
 
   /// The forward state in `ws`, verified: it must hold a completed forward of this layer object
   /// on `tokens` tokens under the current options, and have room for `threads` workers.
-  status backward_buffers(workspace ws, index_t tokens, index_t threads, cpu_detail::layer_buffers<T>& b) const noexcept {
+  status backward_buffers(workspace ws, index_t tokens, index_t threads, detail::cpu_backend::layer_buffers<T>& b) const noexcept {
     const std::size_t stamp_bytes = detail::workspace_alignment + sizeof(detail::workspace_stamp);
     if (ws.data == nullptr || ws.bytes < stamp_bytes)
       return status::failure(errc::workspace_too_small,
@@ -295,20 +296,20 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
                              "moe_layer::backward: the forward that filled the workspace failed (it returned an "
                              "error); its state is unusable");
     bool ovf = false;
-    const std::size_t need = cpu_detail::layout_bytes<T>(dims(), tokens, threads, index_t(s.slots), ovf);
+    const std::size_t need = detail::cpu_backend::layout_bytes<T>(dims(), tokens, threads, index_t(s.slots), ovf);
     if (ovf) return size_overflow("moe_layer::backward", tokens, threads);
     if (ws.bytes < need)
       return status::failure(errc::workspace_too_small,
                              "moe_layer::backward: workspace has %zu bytes, %td tokens with %td threads need %zu",
                              ws.bytes, tokens, threads, need);
     detail::carver c(detail::carver::align(ws.data));
-    b = cpu_detail::carve_layer<T>(c, dims(), tokens, threads, index_t(s.slots));
+    b = detail::cpu_backend::carve_layer<T>(c, dims(), tokens, threads, index_t(s.slots));
     return {};
   }
 
   /// The forward state's pointers for the unchecked accessors (plan, scores, aux_loss_values):
   /// the slot capacity comes from the stamp when this layer wrote it.
-  cpu_detail::layer_buffers<T> state_buffers(workspace ws, index_t tokens) const noexcept {
+  detail::cpu_backend::layer_buffers<T> state_buffers(workspace ws, index_t tokens) const noexcept {
     index_t slots = 0;
     (void)spec::slot_bound(tokens, router_.max_k(), 0, slots);
     if (ws.data && ws.bytes >= detail::workspace_alignment + sizeof(detail::workspace_stamp)) {
@@ -316,7 +317,7 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
       if (s.magic == detail::workspace_stamp::magic_value && s.layer == id_.value()) slots = index_t(s.slots);
     }
     detail::carver c(detail::carver::align(ws.data));
-    return cpu_detail::carve_layer<T>(c, dims(), tokens, 1, slots);
+    return detail::cpu_backend::carve_layer<T>(c, dims(), tokens, 1, slots);
   }
 
   status check_gradients(const gradients& g) const noexcept {
@@ -337,8 +338,8 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
   experts_extent experts_extent_{cfg_.num_experts};
   width_extent width_extent_{cfg_.expert_width};
   expert_weights<T> experts_;
-  cpu_detail::packed_experts<T> packed_{experts_.shape()};  // the kernels' copy of w1/w2 (experts.hpp)
+  detail::cpu_backend::packed_experts<T> packed_{experts_.shape()};  // the kernels' copy of w1/w2 (experts.hpp)
   router_type router_;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

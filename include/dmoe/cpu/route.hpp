@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// CPU routing: one driver over a per-policy step. A step computes the router scores of a chunk
 /// of tokens (router products through cpu/gemm.hpp, then the policy's per-token preprocessing)
@@ -33,7 +34,7 @@
 #include "kernels.hpp"
 #include "tasks.hpp"
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// Router scratch inside a layer workspace (kept after forward: backward reads it).
 template <class T>
@@ -253,4 +254,4 @@ status route(const context<cpu>& ctx, const Router& router, matrix_view<const T>
   return {};
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

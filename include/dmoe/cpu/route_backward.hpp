@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// CPU router backward and auxiliary losses (docs/algorithms.md sections 2-4). Inputs: the
 /// forward state in router_buffers, the plan, and dL/dw_s for every slot (the gradient reaching
@@ -19,7 +20,7 @@
 #include "gemm.hpp"
 #include "route.hpp"
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// Scratch of the router backward (carved from the layer workspace).
 template <class T>
@@ -304,4 +305,4 @@ void route_backward(const top_any_router<T>& r, matrix_view<const T> x, const ro
   top_any_parameter_terms(r, aux, grad);
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// D2DMoE router training on the CPU (docs/algorithms.md section 3): targets are the L2 norms of
 /// each expert's output without b2, from an all-experts forward; the loss is the mean squared
@@ -15,7 +16,7 @@
 #include "../experts/expert_weights.hpp"
 #include "../routing/routers.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 namespace detail {
 /// For every expert e in turn, h = act(x W1_e + b1_e) (gated: act(gate) * up), (tokens, n), and
@@ -123,4 +124,4 @@ T activation_sparsity(sparsity_penalty kind, matrix_view<const T> a, matrix_view
   return total * inv_t;
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

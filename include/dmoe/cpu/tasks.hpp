@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// How the CPU backend cuts work into tasks: a fixed number of rows per task (never derived
 /// from the thread count, so results are bitwise identical for any executor), per-worker scratch
@@ -10,7 +11,7 @@
 
 #include "../core/config.hpp"
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// Tokens (or slots) per task. Fixed, never derived from the thread count, so results are
 /// bitwise identical for any number of threads.
@@ -55,4 +56,4 @@ void for_each_token(const Ctx& ctx, index_t tokens, F&& f) noexcept {
   });
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

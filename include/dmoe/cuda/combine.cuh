@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Combine on the device (the CPU side's cpu/combine.hpp): per token, y = b2 + sum over its slots
 /// in slot order (ascending expert id) of w_s out[slot], a gather-sum with fp32 accumulation,
@@ -8,7 +9,7 @@
 
 #include "common.cuh"
 
-namespace dmoe::cuda_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cuda_backend {
 
 /// y[t] = b2 + sum over t's slots in slot order (ascending expert id) of w_s out[slot_row[s]]:
 /// a gather-sum, one block per token, fp32 accumulation, no atomics.
@@ -39,4 +40,4 @@ status combine(const layer_buffers& b, const T* out, const T* b2, T* y, index_t 
   return {};
 }
 
-}  // namespace dmoe::cuda_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cuda_backend

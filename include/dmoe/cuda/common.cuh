@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// CUDA backend basics: error translation, owning device memory (cold path), storage types and
 /// their conversions, and the device-presence check the tests use.
@@ -22,14 +23,14 @@
 #error "dmoe/cuda/*.cuh must be compiled by nvcc (a .cu translation unit)"
 #endif
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Storage types the CUDA backend accepts: float, __half, __nv_bfloat16 (accumulation is fp32).
 template <class T>
 inline constexpr bool is_cuda_storage_v =
     std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
-namespace cuda_detail {
+namespace detail::cuda_backend {
 
 /// A failed CUDA call as a status (hot path).
 inline status cuda_failure(cudaError_t e, const char* what) noexcept {
@@ -119,7 +120,7 @@ void fill_uniform(T* p, std::size_t count, std::uint64_t seed, float bound) {
   throw_on_cuda(cudaDeviceSynchronize(), "fill_uniform_kernel");
 }
 
-}  // namespace cuda_detail
+}  // namespace detail::cuda_backend
 
 /// Owning device array (cold path: the constructor allocates, the destructor frees). Move-only.
 template <class T>
@@ -141,7 +142,7 @@ class device_array {
                      count * sizeof(T));
     }
     if (e != cudaSuccess) count_ = 0;
-    cuda_detail::throw_on_cuda(e, "device_array: cudaMalloc");
+    detail::cuda_backend::throw_on_cuda(e, "device_array: cudaMalloc");
   }
   device_array(const device_array&) = delete;
   device_array& operator=(const device_array&) = delete;
@@ -170,12 +171,12 @@ class device_array {
     if (count > count_)
       detail::raisef(errc::invalid_argument, "device_array::upload: %zu elements into an array of %zu", count, count_);
     if (count > 0) {
-      cuda_detail::throw_on_cuda(cudaMemcpy(ptr_, src, count * sizeof(T), cudaMemcpyHostToDevice),
+      detail::cuda_backend::throw_on_cuda(cudaMemcpy(ptr_, src, count * sizeof(T), cudaMemcpyHostToDevice),
                                  "device_array::upload: cudaMemcpy");
       // cudaMemcpy from pageable memory may return once the data is staged, before the DMA has
       // landed; work on a non-blocking stream (not ordered after the default stream) could then
       // read stale memory. Wait for the default stream, which ran the copy.
-      cuda_detail::throw_on_cuda(cudaStreamSynchronize(nullptr), "device_array::upload: cudaStreamSynchronize");
+      detail::cuda_backend::throw_on_cuda(cudaStreamSynchronize(nullptr), "device_array::upload: cudaStreamSynchronize");
     }
   }
   void upload(const std::vector<T>& v) { upload(v.data(), v.size()); }
@@ -183,7 +184,7 @@ class device_array {
   std::vector<T> download() const {
     std::vector<T> v(count_);
     if (count_ > 0)
-      cuda_detail::throw_on_cuda(cudaMemcpy(v.data(), ptr_, count_ * sizeof(T), cudaMemcpyDeviceToHost),
+      detail::cuda_backend::throw_on_cuda(cudaMemcpy(v.data(), ptr_, count_ * sizeof(T), cudaMemcpyDeviceToHost),
                                  "device_array::download: cudaMemcpy");
     return v;
   }
@@ -208,4 +209,4 @@ inline int cuda_device_count() noexcept {
   return n;
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Dispatch on the device: the plan's slots in expert-major order, stable in token order, without
 /// the host ever learning the counts.
@@ -17,7 +18,7 @@
 
 #include "common.cuh"
 
-namespace dmoe::cuda_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cuda_backend {
 
 /// After the radix sort: expert_offsets from the boundaries of the sorted keys, sorted_token and
 /// slot_row (the inverse permutation) for the used slots. Thread r looks at sorted rows r - 1, r.
@@ -175,4 +176,4 @@ inline status dispatch(layer_buffers& b, int E, int max_k, cudaStream_t stream) 
   return {};
 }
 
-}  // namespace dmoe::cuda_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cuda_backend

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Experts as grouped GEMMs over variable-size groups (one group per expert, rows in expert-major
 /// order), on tensor cores through WMMA: fp16 and bf16 as 16x16x16 with fp32 accumulators, fp32
@@ -20,7 +21,7 @@
 #include "../experts/activation.hpp"
 #include "common.cuh"
 
-namespace dmoe::cuda_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cuda_backend {
 
 template <class T>
 struct mma_traits;
@@ -363,4 +364,4 @@ status run_experts(const T* x, index_t ldx, const layer_buffers& b, const expert
   return {};
 }
 
-}  // namespace dmoe::cuda_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cuda_backend

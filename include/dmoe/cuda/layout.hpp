@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Host-side logic of the CUDA backend in plain C++17 (no CUDA headers, so g++ unit-tests it):
 /// tile sizes, worst-case bounds from which every buffer is sized before a launch, the launch
@@ -14,7 +15,7 @@
 #include "../core/config.hpp"
 #include "../core/workspace.hpp"
 
-namespace dmoe::cuda_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cuda_backend {
 
 // ---------------------------------------------------------------------------------------------
 // Tiles and launch constants (the kernels static_assert against the same names).
@@ -278,4 +279,4 @@ inline float half_bits_to_float(std::uint16_t h) noexcept {
   return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
-}  // namespace dmoe::cuda_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cuda_backend

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// The dmoe::cuda specialisation of moe_layer: weights in device memory, work on the caller's
 /// stream, storage float / __half / __nv_bfloat16 with fp32 accumulation and fp32 router math.
@@ -46,7 +47,7 @@
 #include "stats.cuh"
 #include "weights.cuh"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// MoE layer on a CUDA device. See layer/moe_layer.hpp for the template parameters; T is the
 /// storage type of x, y and the expert weights (float, __half or __nv_bfloat16).
@@ -79,7 +80,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   moe_layer(const moe_config& cfg, const options_type& opt) : cfg_(spec::checked_config(cfg, detail::cuda_limits)) {
     spec::check_options(cfg_, opt);
     opt_ = opt;
-    sm_count_ = cuda_detail::current_device_sm_count();
+    sm_count_ = detail::cuda_backend::current_device_sm_count();
     w_.allocate(cfg_);
   }
   /// Copies the weights of a CPU layer of the same policy, activation and shape.
@@ -141,13 +142,13 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   std::size_t workspace_size(const workspace_bounds& b) const {
     throw_if_error(check_tokens("moe_layer<cuda>::workspace_size", b.max_tokens));
     std::size_t sort_bytes = 0, scan_bytes = 0;
-    if (!cuda_detail::cub_temp_bytes(b.max_tokens * max_k(), b.max_tokens, cuda_detail::key_bits(num_experts()),
+    if (!detail::cuda_backend::cub_temp_bytes(b.max_tokens * max_k(), b.max_tokens, detail::cuda_backend::key_bits(num_experts()),
                                      sort_bytes, scan_bytes)
              .ok())
       return 0;
     detail::carver c;
     const index_t slots = fixed_k || b.max_slots <= 0 ? -1 : b.max_slots;
-    cuda_detail::carve_layer(c, dims(), b.max_tokens, sort_bytes, scan_bytes, slots);
+    detail::cuda_backend::carve_layer(c, dims(), b.max_tokens, sort_bytes, scan_bytes, slots);
     if (c.overflowed())
       detail::raisef(errc::invalid_argument, "moe_layer<cuda>::workspace_size: the workspace for %td tokens does not "
                      "fit in size_t", b.max_tokens);
@@ -177,40 +178,40 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
       if (stats) stats->record(routing_plan<float>{0, num_experts(), nullptr, nullptr, nullptr}, flops_per_slot(), 0.0);
       return {};
     }
-    cuda_detail::layer_buffers b;
+    detail::cuda_backend::layer_buffers b;
     DMOE_TRY(buffers(ws, tokens, b, true));
     cudaStream_t stream = ctx.stream;
     const int E = static_cast<int>(num_experts()), mk = static_cast<int>(max_k());
     cudaError_t err = cudaMemsetAsync(b.error_token, 0xff, sizeof(unsigned long long), stream);
-    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "moe_layer<cuda>::forward: cudaMemsetAsync");
+    if (err != cudaSuccess) return detail::cuda_backend::cuda_failure(err, "moe_layer<cuda>::forward: cudaMemsetAsync");
     err = cudaMemsetAsync(b.slot_overflow, 0, sizeof(unsigned long long), stream);
-    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "moe_layer<cuda>::forward: cudaMemsetAsync");
+    if (err != cudaSuccess) return detail::cuda_backend::cuda_failure(err, "moe_layer<cuda>::forward: cudaMemsetAsync");
 
     // 1. route
-    DMOE_TRY(cuda_detail::route<Policy>(x.data, x.row_stride, tokens, cfg_.d_model, num_experts(), max_k(), opt_,
+    DMOE_TRY(detail::cuda_backend::route<Policy>(x.data, x.row_stride, tokens, cfg_.d_model, num_experts(), max_k(), opt_,
                                         w_.router(), b, stream));
     std::size_t scan_bytes = b.scan_temp_bytes;
     err = cub::DeviceScan::ExclusiveSum(b.scan_temp, scan_bytes, b.counts, b.token_offsets,
                                         static_cast<int>(tokens + 1), stream);
-    if (err != cudaSuccess) return cuda_detail::cuda_failure(err, "moe_layer<cuda>::forward: cub::DeviceScan");
-    cuda_detail::compact_plan_kernel<><<<static_cast<unsigned>(cuda_detail::blocks_for(b.items, 256)), 256, 0, stream>>>(
+    if (err != cudaSuccess) return detail::cuda_backend::cuda_failure(err, "moe_layer<cuda>::forward: cub::DeviceScan");
+    detail::cuda_backend::compact_plan_kernel<><<<static_cast<unsigned>(detail::cuda_backend::blocks_for(b.items, 256)), 256, 0, stream>>>(
         b, mk);
-    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_detail::cuda_failure(err, "compact_plan_kernel launch");
+    if ((err = cudaGetLastError()) != cudaSuccess) return detail::cuda_backend::cuda_failure(err, "compact_plan_kernel launch");
 
     // 2. dispatch
-    DMOE_TRY(cuda_detail::dispatch(b, E, mk, stream));
-    if (b.slot_capacity < b.items) DMOE_TRY(cuda_detail::enforce_slot_bound(b, E, stream));
+    DMOE_TRY(detail::cuda_backend::dispatch(b, E, mk, stream));
+    if (b.slot_capacity < b.items) DMOE_TRY(detail::cuda_backend::enforce_slot_bound(b, E, stream));
 
     // 3. experts
-    DMOE_TRY((cuda_detail::run_experts<T, Activation>(x.data, x.row_stride, b, w_.experts(), cfg_.d_model,
+    DMOE_TRY((detail::cuda_backend::run_experts<T, Activation>(x.data, x.row_stride, b, w_.experts(), cfg_.d_model,
                                                       expert_width(), E, sm_count_, stream)));
 
     // 4. combine
-    DMOE_TRY(cuda_detail::combine<T>(b, reinterpret_cast<const T*>(b.out), w_.output_bias(), y.data,
+    DMOE_TRY(detail::cuda_backend::combine<T>(b, reinterpret_cast<const T*>(b.out), w_.output_bias(), y.data,
                                      y.row_stride, tokens, cfg_.d_model, mk, stream));
 
     if (stats)
-      DMOE_TRY(cuda_detail::read_stats(stream, b, E, router_type::name, flops_per_slot(), router_flops_per_token(),
+      DMOE_TRY(detail::cuda_backend::read_stats(stream, b, E, router_type::name, flops_per_slot(), router_flops_per_token(),
                                        *stats));
     return {};
   }
@@ -219,15 +220,15 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   /// on `tokens` tokens in `ws` (numerical_error naming the first such token), or a CUDA error.
   status check_numerics(const context<cuda>& ctx, workspace ws, index_t tokens) const noexcept {
     if (tokens <= 0) return {};
-    cuda_detail::layer_buffers b;
+    detail::cuda_backend::layer_buffers b;
     DMOE_TRY(buffers(ws, tokens, b));
-    return cuda_detail::read_error(ctx.stream, b, router_type::name);
+    return detail::cuda_backend::read_error(ctx.stream, b, router_type::name);
   }
 
   /// The routing plan a forward on `tokens` tokens left in `ws` (device pointers; read it after
   /// the stream has passed that forward).
   routing_plan<float> plan(workspace ws, index_t tokens) const noexcept {
-    cuda_detail::layer_buffers b;
+    detail::cuda_backend::layer_buffers b;
     if (tokens <= 0 || !buffers(ws, tokens, b).ok()) return routing_plan<float>{0, num_experts(), nullptr, nullptr, nullptr};
     return routing_plan<float>{tokens, num_experts(), b.token_offsets, b.plan_expert, b.plan_weight};
   }
@@ -235,7 +236,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   /// Router scores of that forward (device, tokens x num_experts, fp32): softmax probabilities
   /// (top_k), predicted norms r (dynamic_k) or cosines (top_any).
   matrix_view<const float> scores(workspace ws, index_t tokens) const noexcept {
-    cuda_detail::layer_buffers b;
+    detail::cuda_backend::layer_buffers b;
     if (tokens <= 0 || !buffers(ws, tokens, b).ok()) return {};
     return matrix_view<const float>(b.scores, tokens, num_experts());
   }
@@ -247,8 +248,8 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
 
 
 
-  cuda_detail::layer_dims dims() const noexcept {
-    cuda_detail::layer_dims dm;
+  detail::cuda_backend::layer_dims dims() const noexcept {
+    detail::cuda_backend::layer_dims dm;
     dm.d = cfg_.d_model;
     dm.E = num_experts();
     dm.n = expert_width();
@@ -263,14 +264,14 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   /// device refuses a batch that needs more), the same count for the forward and for the calls
   /// that read its results. A forward of top-k needs all tokens * k rows; reading results (plan,
   /// scores, the error flags, whose offsets do not depend on the rows) needs only the rest.
-  status buffers(workspace ws, index_t tokens, cuda_detail::layer_buffers& b, bool forward = false) const noexcept {
+  status buffers(workspace ws, index_t tokens, detail::cuda_backend::layer_buffers& b, bool forward = false) const noexcept {
     std::size_t sort_bytes = 0, scan_bytes = 0;
-    DMOE_TRY(cuda_detail::cub_temp_bytes(tokens * max_k(), tokens, cuda_detail::key_bits(num_experts()), sort_bytes,
+    DMOE_TRY(detail::cuda_backend::cub_temp_bytes(tokens * max_k(), tokens, detail::cuda_backend::key_bits(num_experts()), sort_bytes,
                                          scan_bytes));
     const auto dm = dims();
     const auto size_for = [&](index_t slots) {
       detail::carver m;
-      cuda_detail::carve_layer(m, dm, tokens, sort_bytes, scan_bytes, slots);
+      detail::cuda_backend::carve_layer(m, dm, tokens, sort_bytes, scan_bytes, slots);
       return m.bytes();
     };
     const index_t items = tokens * max_k();
@@ -290,7 +291,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
       slots = lo;
     }
     detail::carver c(detail::carver::align(ws.data));
-    b = cuda_detail::carve_layer(c, dm, tokens, sort_bytes, scan_bytes, slots);
+    b = detail::cuda_backend::carve_layer(c, dm, tokens, sort_bytes, scan_bytes, slots);
     return {};
   }
 
@@ -299,7 +300,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   status check_tokens(const char* who, index_t tokens) const noexcept {
     const index_t per_token =
         (std::max)({max_k(), num_experts(), cfg_.router_hidden, expert_width(), cfg_.d_model});
-    if (!cuda_detail::fits_int32(tokens, per_token) || tokens > INT32_MAX / 2)
+    if (!detail::cuda_backend::fits_int32(tokens, per_token) || tokens > INT32_MAX / 2)
       return status::failure(errc::unsupported,
                              "%s: %td tokens x %td per token exceed the backend's 32-bit indices; split the batch", who,
                              tokens, per_token);
@@ -310,11 +311,11 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     DMOE_TRY(spec::check_forward("moe_layer<cuda>::forward", cfg_, x, y, stats));
     DMOE_TRY(check_tokens("moe_layer<cuda>::forward", x.rows));
     // Router products put column tiles on grid.y (at most 65535 blocks of router_tile columns).
-    if ((std::max)(num_experts(), cfg_.router_hidden) > index_t{65535} * cuda_detail::router_tile)
+    if ((std::max)(num_experts(), cfg_.router_hidden) > index_t{65535} * detail::cuda_backend::router_tile)
       return status::failure(errc::unsupported,
                              "moe_layer<cuda>::forward: %td experts / router width %td exceed the router kernel's "
                              "grid (65535 x %d columns)",
-                             num_experts(), cfg_.router_hidden, cuda_detail::router_tile);
+                             num_experts(), cfg_.router_hidden, detail::cuda_backend::router_tile);
     if constexpr (std::is_same_v<Policy, top_any>)
       if (w_.num_active == 0)
         return status::failure(errc::invalid_argument,
@@ -330,7 +331,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   moe_config cfg_;
   options_type opt_{};
   int sm_count_ = 1;
-  cuda_detail::device_weights<T, Policy, Activation> w_;
+  detail::cuda_backend::device_weights<T, Policy, Activation> w_;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Routing on the device: router products (fp32 SIMT tiles, fixed summation order), the per-token
 /// rule of routing/selection.hpp (the very functions the CPU backend calls), and the compaction of
@@ -14,7 +15,7 @@
 #include "../routing/selection.hpp"
 #include "common.cuh"
 
-namespace dmoe::cuda_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cuda_backend {
 
 enum class router_epilogue : int { none = 0, relu = 1, abs = 2 };
 
@@ -207,4 +208,4 @@ __global__ void compact_plan_kernel(layer_buffers b, int max_k) {
   b.plan_weight[dst] = b.slot_weight[j];
 }
 
-}  // namespace dmoe::cuda_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cuda_backend

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// The synchronising paths of the CUDA backend: the NaN flag the selection kernel raised, and
 /// routing statistics read back from the device (expert offsets and the k histogram). Everything
@@ -13,7 +14,7 @@
 #include "common.cuh"
 #include "dispatch.cuh"
 
-namespace dmoe::cuda_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cuda_backend {
 
 /// Waits for `stream` and reports the smallest token whose router score was NaN or infinite.
 /// Also reports a batch that routed more slots than the workspace's activation rows.
@@ -87,4 +88,4 @@ inline status read_stats(cudaStream_t stream, const layer_buffers& b, int E, con
   return {};
 }
 
-}  // namespace dmoe::cuda_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cuda_backend

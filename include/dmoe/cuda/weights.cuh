@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// A CUDA layer's parameters in device memory (the CPU side keeps them in expert_weights and the
 /// router): allocation with checked sizes, upload from host experts and a router (weights rounded
@@ -22,7 +23,7 @@
 #include "experts.cuh"
 #include "route.cuh"
 
-namespace dmoe::cuda_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cuda_backend {
 
 /// Streaming multiprocessors of the current device; throws dmoe::error without a device or on a
 /// device older than sm_80.
@@ -179,4 +180,4 @@ struct device_weights {
   }
 };
 
-}  // namespace dmoe::cuda_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cuda_backend

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// A small seeded generator whose output is the same on every platform (std distributions are
 /// not), used for weight initialisation, conversion restarts and tests.
@@ -10,7 +11,7 @@
 #include <iterator>
 #include <utility>
 
-namespace dmoe::detail {
+DMOE_NAMESPACE_BEGIN namespace detail {
 
 /// splitmix64: tiny, fast, and good enough for initialisation and sampling.
 class rng {
@@ -49,4 +50,4 @@ class rng {
   std::uint64_t state_;
 };
 
-}  // namespace dmoe::detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Expert activations. Each is a stateless type with scalar `apply`/`derivative` usable on host
 /// and device, and a vectorised in-place form over an Eigen array for the CPU hot path.
@@ -14,7 +15,7 @@
 
 #include "../core/config.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// max(x, 0).
 struct relu {
@@ -119,4 +120,4 @@ struct is_activation<A, std::void_t<decltype(A::gated), decltype(A::name)>> : st
 template <class A>
 inline constexpr bool is_activation_v = detail::is_activation<A>::value;
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

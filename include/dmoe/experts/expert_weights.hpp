@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Expert weights, stored expert-major so that one expert is one contiguous block:
 ///  - w1: expert e is a column-major (d_model x f*n) matrix, i.e. neuron-major: neuron j's input
@@ -32,7 +33,7 @@
 #include "../core/version_tag.hpp"
 #include "../detail/random.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Shape of the experts of one layer.
 struct expert_shape {
@@ -169,4 +170,4 @@ class expert_weights {
   version_tag version_;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Dense FFN weights in safetensors files, by tensor name. Checkpoints store the two (three, if
 /// gated) projections in one of two layouts:
@@ -18,7 +19,7 @@
 #include "../cpu/dense_ffn.hpp"
 #include "safetensors.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Tensor names of one dense FFN. Empty bias names mean "no bias in the file" (loaded as 0,
 /// not saved). For gated activations w_gate is the gate projection and w1 the up projection.
@@ -49,7 +50,7 @@ inline ffn_names llama_ffn_names(int layer, const std::string& prefix = "") {
   return {p + "up_proj.weight", "", p + "down_proj.weight", "", weight_layout::out_in, p + "gate_proj.weight"};
 }
 
-namespace io_detail {
+namespace detail::io {
 /// Reads a projection in->out stored in `layout` into `dst`, a column-major (in, out) matrix
 /// block: dst(i, o) = weight of input i for output o. Checks the shape.
 template <class T, class Dst>
@@ -75,7 +76,7 @@ std::vector<double> projection_values(const Src& src, weight_layout layout) {
 inline std::vector<std::int64_t> projection_shape(index_t in, index_t out, weight_layout layout) {
   return layout == weight_layout::out_in ? std::vector<std::int64_t>{out, in} : std::vector<std::int64_t>{in, out};
 }
-}  // namespace io_detail
+}  // namespace detail::io
 
 /// Loads a dense FFN. d_model and the hidden width come from W2's shape; every other tensor must
 /// agree (the error names the tensor, the shape found and the shape expected).
@@ -90,18 +91,18 @@ dense_ffn<T, Activation> load_dense_ffn(const safetensors_file& f, const ffn_nam
   const auto& t2 = f.info(names.w2);
   if (t2.shape.size() != 2 || t2.shape[0] <= 0 || t2.shape[1] <= 0)
     detail::raisef(errc::invalid_argument, "safetensors '%s': tensor '%s' (W2) has shape %s, expected a non-empty matrix",
-                   f.label().c_str(), names.w2.c_str(), io_detail::shape_string(t2.shape).c_str());
+                   f.label().c_str(), names.w2.c_str(), detail::io::shape_string(t2.shape).c_str());
   const bool oi = names.layout == weight_layout::out_in;
   const std::int64_t d = oi ? t2.shape[0] : t2.shape[1], F = oi ? t2.shape[1] : t2.shape[0];
   dense_ffn<T, Activation> ffn(static_cast<index_t>(d), static_cast<index_t>(F));
   const index_t Fi = static_cast<index_t>(F);
   if constexpr (Activation::gated) {
-    io_detail::read_projection<T>(f, names.w_gate, names.layout, d, F, ffn.w1().leftCols(Fi));
-    io_detail::read_projection<T>(f, names.w1, names.layout, d, F, ffn.w1().rightCols(Fi));
+    detail::io::read_projection<T>(f, names.w_gate, names.layout, d, F, ffn.w1().leftCols(Fi));
+    detail::io::read_projection<T>(f, names.w1, names.layout, d, F, ffn.w1().rightCols(Fi));
   } else {
-    io_detail::read_projection<T>(f, names.w1, names.layout, d, F, ffn.w1());
+    detail::io::read_projection<T>(f, names.w1, names.layout, d, F, ffn.w1());
   }
-  io_detail::read_projection<T>(f, names.w2, names.layout, F, d, ffn.w2());
+  detail::io::read_projection<T>(f, names.w2, names.layout, F, d, ffn.w2());
   if (!names.b1.empty()) {
     f.expect_shape(names.b1, {static_cast<std::int64_t>(width_factor<Activation>) * F});
     const auto v = f.read<T>(names.b1);
@@ -125,17 +126,17 @@ void save_dense_ffn(safetensors_writer& w, const dense_ffn<T, Activation>& ffn, 
     if (names.w_gate.empty())
       detail::raisef(errc::invalid_argument, "save_dense_ffn: activation %s is gated: ffn_names.w_gate must be set",
                      Activation::name);
-    w.add(names.w_gate, dtype, io_detail::projection_shape(d, F, names.layout),
-          io_detail::projection_values(ffn.w1().leftCols(F), names.layout));
-    w.add(names.w1, dtype, io_detail::projection_shape(d, F, names.layout),
-          io_detail::projection_values(ffn.w1().rightCols(F), names.layout));
+    w.add(names.w_gate, dtype, detail::io::projection_shape(d, F, names.layout),
+          detail::io::projection_values(ffn.w1().leftCols(F), names.layout));
+    w.add(names.w1, dtype, detail::io::projection_shape(d, F, names.layout),
+          detail::io::projection_values(ffn.w1().rightCols(F), names.layout));
   } else {
-    w.add(names.w1, dtype, io_detail::projection_shape(d, F, names.layout),
-          io_detail::projection_values(ffn.w1(), names.layout));
+    w.add(names.w1, dtype, detail::io::projection_shape(d, F, names.layout),
+          detail::io::projection_values(ffn.w1(), names.layout));
   }
-  w.add(names.w2, dtype, io_detail::projection_shape(F, d, names.layout), io_detail::projection_values(ffn.w2(), names.layout));
+  w.add(names.w2, dtype, detail::io::projection_shape(F, d, names.layout), detail::io::projection_values(ffn.w2(), names.layout));
   if (!names.b1.empty()) w.add(names.b1, dtype, {static_cast<std::int64_t>(ffn.b1().size())}, ffn.b1().data());
   if (!names.b2.empty()) w.add(names.b2, dtype, {static_cast<std::int64_t>(ffn.b2().size())}, ffn.b2().data());
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Saving and loading a whole MoE layer (configuration, router options, experts, router and the
 /// top-any active mask) as one safetensors file. Saved in the layer's own precision (F32 for
@@ -28,9 +29,9 @@
 #include "../layer/moe_layer.hpp"
 #include "safetensors.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
-namespace io_detail {
+namespace detail::io {
 
 inline constexpr const char* moe_format_version = "1";
 
@@ -128,7 +129,7 @@ inline std::vector<std::int64_t> shape_of(std::initializer_list<index_t> s) {
   return r;
 }
 
-}  // namespace io_detail
+}  // namespace detail::io
 
 /// Adds a layer's tensors and metadata to `w`, weights converted to `dtype` (the default keeps
 /// the layer's precision and makes the round trip exact; F16/BF16 round).
@@ -141,66 +142,66 @@ void save_moe_layer(safetensors_writer& w, const Layer& layer, st_dtype dtype = 
   const auto& ex = layer.experts();
   const index_t d = c.d_model, E = layer.num_experts(), n = layer.expert_width(), fn = width_factor<Act> * n;
   w.set_metadata("dmoe.format", "moe_layer");
-  w.set_metadata("dmoe.format_version", io_detail::moe_format_version);
-  w.set_metadata("dmoe.policy", io_detail::policy_name<Policy>());
+  w.set_metadata("dmoe.format_version", detail::io::moe_format_version);
+  w.set_metadata("dmoe.policy", detail::io::policy_name<Policy>());
   w.set_metadata("dmoe.activation", Act::name);
   w.set_metadata("dmoe.scalar", std::is_same_v<T, double> ? "double" : "float");
   w.set_metadata("dmoe.d_model", std::to_string(d));
   w.set_metadata("dmoe.num_experts", std::to_string(E));
   w.set_metadata("dmoe.expert_width", std::to_string(n));
-  w.set_metadata("dmoe.hidden_bias", io_detail::meta_bool(c.hidden_bias));
-  w.set_metadata("dmoe.expert_bias", io_detail::meta_bool(c.expert_bias));
-  w.set_metadata("dmoe.output_bias", io_detail::meta_bool(c.output_bias));
+  w.set_metadata("dmoe.hidden_bias", detail::io::meta_bool(c.hidden_bias));
+  w.set_metadata("dmoe.expert_bias", detail::io::meta_bool(c.expert_bias));
+  w.set_metadata("dmoe.output_bias", detail::io::meta_bool(c.output_bias));
   w.set_metadata("dmoe.router_hidden", std::to_string(c.router_hidden));
 
   std::vector<double> v;
-  for (index_t e = 0; e < E; ++e) io_detail::append_transposed(v, ex.w1(e));
-  w.add("experts.w1", dtype, io_detail::shape_of({E, fn, d}), v);
+  for (index_t e = 0; e < E; ++e) detail::io::append_transposed(v, ex.w1(e));
+  w.add("experts.w1", dtype, detail::io::shape_of({E, fn, d}), v);
   v.clear();
-  for (index_t e = 0; e < E; ++e) io_detail::append_transposed(v, ex.w2(e));
-  w.add("experts.w2", dtype, io_detail::shape_of({E, d, n}), v);
+  for (index_t e = 0; e < E; ++e) detail::io::append_transposed(v, ex.w2(e));
+  w.add("experts.w2", dtype, detail::io::shape_of({E, d, n}), v);
   if (c.hidden_bias) {
     v.clear();
-    for (index_t e = 0; e < E; ++e) io_detail::append_vector(v, ex.b1(e));
-    w.add("experts.b1", dtype, io_detail::shape_of({E, fn}), v);
+    for (index_t e = 0; e < E; ++e) detail::io::append_vector(v, ex.b1(e));
+    w.add("experts.b1", dtype, detail::io::shape_of({E, fn}), v);
   }
   if (c.expert_bias) {
     v.clear();
-    for (index_t e = 0; e < E; ++e) io_detail::append_vector(v, ex.expert_bias(e));
-    w.add("experts.expert_bias", dtype, io_detail::shape_of({E, d}), v);
+    for (index_t e = 0; e < E; ++e) detail::io::append_vector(v, ex.expert_bias(e));
+    w.add("experts.expert_bias", dtype, detail::io::shape_of({E, d}), v);
   }
   if (c.output_bias) {
     v.clear();
-    io_detail::append_vector(v, ex.output_bias());
-    w.add("experts.output_bias", dtype, io_detail::shape_of({d}), v);
+    detail::io::append_vector(v, ex.output_bias());
+    w.add("experts.output_bias", dtype, detail::io::shape_of({d}), v);
   }
 
   const auto& r = layer.router();
   v.clear();
   if constexpr (std::is_same_v<Policy, top_k>) {
     w.set_metadata("dmoe.top_k.k", std::to_string(r.options().k));
-    w.set_metadata("dmoe.top_k.renormalize", io_detail::meta_bool(r.options().renormalize));
-    io_detail::append_transposed(v, r.weight());
-    w.add("router.weight", dtype, io_detail::shape_of({E, d}), v);
+    w.set_metadata("dmoe.top_k.renormalize", detail::io::meta_bool(r.options().renormalize));
+    detail::io::append_transposed(v, r.weight());
+    w.add("router.weight", dtype, detail::io::shape_of({E, d}), v);
     v.clear();
-    io_detail::append_vector(v, r.bias());
-    w.add("router.bias", dtype, io_detail::shape_of({E}), v);
+    detail::io::append_vector(v, r.bias());
+    w.add("router.bias", dtype, detail::io::shape_of({E}), v);
   } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
-    w.set_metadata("dmoe.dynamic_k.tau", io_detail::meta_double(r.options().tau));
+    w.set_metadata("dmoe.dynamic_k.tau", detail::io::meta_double(r.options().tau));
     w.set_metadata("dmoe.dynamic_k.k_max", std::to_string(r.options().k_max));
-    io_detail::append_transposed(v, r.w_in());
-    w.add("router.w_in", dtype, io_detail::shape_of({r.hidden(), d}), v);
+    detail::io::append_transposed(v, r.w_in());
+    w.add("router.w_in", dtype, detail::io::shape_of({r.hidden(), d}), v);
     v.clear();
-    io_detail::append_transposed(v, r.w_out());
-    w.add("router.w_out", dtype, io_detail::shape_of({E, r.hidden()}), v);
+    detail::io::append_transposed(v, r.w_out());
+    w.add("router.w_out", dtype, detail::io::shape_of({E, r.hidden()}), v);
   } else {
-    w.set_metadata("dmoe.top_any.training", io_detail::meta_bool(r.options().training));
-    io_detail::append_transposed(v, r.weight());
-    w.add("router.weight", dtype, io_detail::shape_of({E, d}), v);
+    w.set_metadata("dmoe.top_any.training", detail::io::meta_bool(r.options().training));
+    detail::io::append_transposed(v, r.weight());
+    w.add("router.weight", dtype, detail::io::shape_of({E, d}), v);
     v.clear();
-    io_detail::append_vector(v, r.threshold());
-    w.add("router.threshold", dtype, io_detail::shape_of({E}), v);
-    w.add("router.active", st_dtype::U8, io_detail::shape_of({E}), r.active());
+    detail::io::append_vector(v, r.threshold());
+    w.add("router.threshold", dtype, detail::io::shape_of({E}), v);
+    w.add("router.active", st_dtype::U8, detail::io::shape_of({E}), r.active());
   }
 }
 
@@ -221,10 +222,10 @@ Layer load_moe_layer(const safetensors_file& f) {
   using T = typename Layer::scalar_type;
   using Policy = typename Layer::policy_type;
   using Act = typename Layer::activation_type;
-  const io_detail::meta_reader m{f};
+  const detail::io::meta_reader m{f};
   m.expect("dmoe.format", "moe_layer");
-  m.expect("dmoe.format_version", io_detail::moe_format_version);
-  m.expect("dmoe.policy", io_detail::policy_name<Policy>());
+  m.expect("dmoe.format_version", detail::io::moe_format_version);
+  m.expect("dmoe.policy", detail::io::policy_name<Policy>());
   m.expect("dmoe.activation", Act::name);
   moe_config c;
   c.d_model = m.get_extent("dmoe.d_model");
@@ -256,21 +257,21 @@ Layer load_moe_layer(const safetensors_file& f) {
       bool present;
       std::vector<std::int64_t> shape;
     };
-    std::vector<expected> tensors = {{"experts.w1", true, io_detail::shape_of({E, fn, d})},
-                                     {"experts.w2", true, io_detail::shape_of({E, d, n})},
-                                     {"experts.b1", c.hidden_bias, io_detail::shape_of({E, fn})},
-                                     {"experts.expert_bias", c.expert_bias, io_detail::shape_of({E, d})},
-                                     {"experts.output_bias", c.output_bias, io_detail::shape_of({d})}};
+    std::vector<expected> tensors = {{"experts.w1", true, detail::io::shape_of({E, fn, d})},
+                                     {"experts.w2", true, detail::io::shape_of({E, d, n})},
+                                     {"experts.b1", c.hidden_bias, detail::io::shape_of({E, fn})},
+                                     {"experts.expert_bias", c.expert_bias, detail::io::shape_of({E, d})},
+                                     {"experts.output_bias", c.output_bias, detail::io::shape_of({d})}};
     if constexpr (std::is_same_v<Policy, top_k>) {
-      tensors.push_back({"router.weight", true, io_detail::shape_of({E, d})});
-      tensors.push_back({"router.bias", true, io_detail::shape_of({E})});
+      tensors.push_back({"router.weight", true, detail::io::shape_of({E, d})});
+      tensors.push_back({"router.bias", true, detail::io::shape_of({E})});
     } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
-      tensors.push_back({"router.w_in", true, io_detail::shape_of({h, d})});
-      tensors.push_back({"router.w_out", true, io_detail::shape_of({E, h})});
+      tensors.push_back({"router.w_in", true, detail::io::shape_of({h, d})});
+      tensors.push_back({"router.w_out", true, detail::io::shape_of({E, h})});
     } else {
-      tensors.push_back({"router.weight", true, io_detail::shape_of({E, d})});
-      tensors.push_back({"router.threshold", true, io_detail::shape_of({E})});
-      tensors.push_back({"router.active", true, io_detail::shape_of({E})});
+      tensors.push_back({"router.weight", true, detail::io::shape_of({E, d})});
+      tensors.push_back({"router.threshold", true, detail::io::shape_of({E})});
+      tensors.push_back({"router.active", true, detail::io::shape_of({E})});
     }
     for (const auto& t : tensors) {
       if (t.present) f.expect_shape(t.name, t.shape);
@@ -298,44 +299,44 @@ Layer load_moe_layer(const safetensors_file& f) {
   const index_t d = c.d_model, E = c.num_experts, n = c.expert_width, fn = width_factor<Act> * n;
   auto& ex = layer.experts();
   auto read = [&](const char* name, std::initializer_list<index_t> shape) {
-    f.expect_shape(name, io_detail::shape_of(shape));
+    f.expect_shape(name, detail::io::shape_of(shape));
     return f.read<T>(name);
   };
   auto absent = [](const char*, bool configured) { return !configured; };  // checked above
   {
     const auto v = read("experts.w1", {E, fn, d});
-    for (index_t e = 0; e < E; ++e) io_detail::fill_transposed(ex.w1(e), v, static_cast<std::size_t>(e * fn * d));
+    for (index_t e = 0; e < E; ++e) detail::io::fill_transposed(ex.w1(e), v, static_cast<std::size_t>(e * fn * d));
   }
   {
     const auto v = read("experts.w2", {E, d, n});
-    for (index_t e = 0; e < E; ++e) io_detail::fill_transposed(ex.w2(e), v, static_cast<std::size_t>(e * d * n));
+    for (index_t e = 0; e < E; ++e) detail::io::fill_transposed(ex.w2(e), v, static_cast<std::size_t>(e * d * n));
   }
   if (!absent("experts.b1", c.hidden_bias)) {
     const auto v = read("experts.b1", {E, fn});
-    for (index_t e = 0; e < E; ++e) io_detail::fill_vector(ex.b1(e), v, static_cast<std::size_t>(e * fn));
+    for (index_t e = 0; e < E; ++e) detail::io::fill_vector(ex.b1(e), v, static_cast<std::size_t>(e * fn));
   }
   if (!absent("experts.expert_bias", c.expert_bias)) {
     const auto v = read("experts.expert_bias", {E, d});
-    for (index_t e = 0; e < E; ++e) io_detail::fill_vector(ex.expert_bias(e), v, static_cast<std::size_t>(e * d));
+    for (index_t e = 0; e < E; ++e) detail::io::fill_vector(ex.expert_bias(e), v, static_cast<std::size_t>(e * d));
   }
-  if (!absent("experts.output_bias", c.output_bias)) io_detail::fill_vector(ex.output_bias(), read("experts.output_bias", {d}), 0);
+  if (!absent("experts.output_bias", c.output_bias)) detail::io::fill_vector(ex.output_bias(), read("experts.output_bias", {d}), 0);
 
   auto& r = layer.router();
   if constexpr (std::is_same_v<Policy, top_k>) {
-    io_detail::fill_transposed(r.weight(), read("router.weight", {E, d}), 0);
-    io_detail::fill_vector(r.bias(), read("router.bias", {E}), 0);
+    detail::io::fill_transposed(r.weight(), read("router.weight", {E, d}), 0);
+    detail::io::fill_vector(r.bias(), read("router.bias", {E}), 0);
   } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
-    io_detail::fill_transposed(r.w_in(), read("router.w_in", {r.hidden(), d}), 0);
-    io_detail::fill_transposed(r.w_out(), read("router.w_out", {E, r.hidden()}), 0);
+    detail::io::fill_transposed(r.w_in(), read("router.w_in", {r.hidden(), d}), 0);
+    detail::io::fill_transposed(r.w_out(), read("router.w_out", {E, r.hidden()}), 0);
   } else {
-    io_detail::fill_transposed(r.weight(), read("router.weight", {E, d}), 0);
-    io_detail::fill_vector(r.threshold(), read("router.threshold", {E}), 0);
+    detail::io::fill_transposed(r.weight(), read("router.weight", {E, d}), 0);
+    detail::io::fill_vector(r.threshold(), read("router.threshold", {E}), 0);
     // A NaN threshold would silently disable its expert, an infinite one fire it never or always:
     // refuse the file rather than load a layer that routes wrongly without a word.
     if (const status ts = r.check_thresholds(); !ts.ok())
       detail::raisef(errc::invalid_argument, "load_moe_layer '%s': tensor 'router.threshold': %s", f.label().c_str(),
                      ts.message());
-    const auto& ti = f.expect_shape("router.active", io_detail::shape_of({E}));
+    const auto& ti = f.expect_shape("router.active", detail::io::shape_of({E}));
     if (ti.dtype != st_dtype::U8)
       detail::raisef(errc::invalid_argument, "load_moe_layer '%s': tensor 'router.active' has dtype %s, expected U8",
                      f.label().c_str(), to_string(ti.dtype));
@@ -356,4 +357,4 @@ Layer load_moe_layer(const std::string& path) {
   return load_moe_layer<Layer>(safetensors_file::from_path(path));
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

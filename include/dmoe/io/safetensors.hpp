@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Reading and writing safetensors files (the Hugging Face tensor format): an 8-byte
 /// little-endian header length N, N bytes of JSON describing each tensor (dtype, shape, byte
@@ -35,13 +36,13 @@
 #include "../core/status.hpp"
 #include "../core/views.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Element types of the safetensors format. Reading converts F64, F32, F16, BF16 and the
 /// integer types to float or double; F8 types are recognised but not converted.
 enum class st_dtype : std::uint8_t { BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64 };
 
-namespace io_detail {
+namespace detail::io {
 struct dtype_row {
   st_dtype dtype;
   const char* name;
@@ -54,15 +55,15 @@ inline constexpr dtype_row dtype_table[] = {
     {st_dtype::U16, "U16", 2},   {st_dtype::F16, "F16", 2}, {st_dtype::BF16, "BF16", 2},
     {st_dtype::I32, "I32", 4},   {st_dtype::U32, "U32", 4}, {st_dtype::F32, "F32", 4},
     {st_dtype::F64, "F64", 8},   {st_dtype::I64, "I64", 8}, {st_dtype::U64, "U64", 8}};
-}  // namespace io_detail
+}  // namespace detail::io
 
 /// The format's name of a dtype ("F32", "BF16", ...).
-inline const char* to_string(st_dtype t) noexcept { return io_detail::dtype_table[static_cast<int>(t)].name; }
+inline const char* to_string(st_dtype t) noexcept { return detail::io::dtype_table[static_cast<int>(t)].name; }
 /// Bytes per element.
-inline std::size_t dtype_size(st_dtype t) noexcept { return io_detail::dtype_table[static_cast<int>(t)].size; }
+inline std::size_t dtype_size(st_dtype t) noexcept { return detail::io::dtype_table[static_cast<int>(t)].size; }
 /// Parses a dtype name; false if unknown.
 inline bool parse_dtype(const std::string& s, st_dtype& out) noexcept {
-  for (const auto& r : io_detail::dtype_table)
+  for (const auto& r : detail::io::dtype_table)
     if (s == r.name) {
       out = r.dtype;
       return true;
@@ -87,7 +88,7 @@ struct tensor_info {
   }
 };
 
-namespace io_detail {
+namespace detail::io {
 
 /// Header lengths above this are refused (the reference implementation's limit).
 inline constexpr std::uint64_t max_header_bytes = 100'000'000;
@@ -291,21 +292,21 @@ struct duplicate_key_guard {
   }
 };
 
-}  // namespace io_detail
+}  // namespace detail::io
 
 /// A parsed, validated safetensors file held in memory.
 class safetensors_file {
  public:
   /// Reads and validates the file at `path`.
   static safetensors_file from_path(const std::string& path) {
-    return safetensors_file(io_detail::read_whole_file(path), path);
+    return safetensors_file(detail::io::read_whole_file(path), path);
   }
   /// Validates `bytes` (the whole file); `label` names it in error messages.
   static safetensors_file from_bytes(std::vector<unsigned char> bytes, std::string label = "<memory>") {
     return safetensors_file(std::move(bytes), std::move(label));
   }
   static safetensors_file from_bytes(const unsigned char* data, std::size_t size, std::string label = "<memory>") {
-    std::vector<unsigned char> copy = io_detail::allocate_bytes("safetensors: copying", label, size);
+    std::vector<unsigned char> copy = detail::io::allocate_bytes("safetensors: copying", label, size);
     if (size > 0) std::memcpy(copy.data(), data, size);
     return safetensors_file(std::move(copy), std::move(label));
   }
@@ -342,7 +343,7 @@ class safetensors_file {
     std::vector<T> out;
     detail::allocate_or_throw(("safetensors '" + label_ + "': reading tensor '" + name + "'").c_str(), t.numel(),
                               sizeof(T), [&] { out.resize(static_cast<std::size_t>(t.numel())); });
-    if (!io_detail::convert_from<T>(t.dtype, bytes_.data() + data_start_ + t.begin, out.size(), out.data()))
+    if (!detail::io::convert_from<T>(t.dtype, bytes_.data() + data_start_ + t.begin, out.size(), out.data()))
       detail::raisef(errc::unsupported, "safetensors '%s': tensor '%s' has dtype %s, which dmoe cannot convert to %s",
                      label_.c_str(), name.c_str(), to_string(t.dtype), std::is_same_v<T, float> ? "float" : "double");
     return out;
@@ -353,7 +354,7 @@ class safetensors_file {
     const auto& t = info(name);
     if (t.shape.size() != 2)
       detail::raisef(errc::invalid_argument, "safetensors '%s': tensor '%s' has shape %s, expected a matrix (rank 2)",
-                     label_.c_str(), name.c_str(), io_detail::shape_string(t.shape).c_str());
+                     label_.c_str(), name.c_str(), detail::io::shape_string(t.shape).c_str());
     const auto v = read<T>(name);
     row_matrix<T> m;
     detail::allocate_or_throw(("safetensors '" + label_ + "': reading tensor '" + name + "'").c_str(), t.numel(),
@@ -366,7 +367,7 @@ class safetensors_file {
     const auto& t = info(name);
     if (t.shape != shape)
       detail::raisef(errc::invalid_argument, "safetensors '%s': tensor '%s' has shape %s, expected %s", label_.c_str(),
-                     name.c_str(), io_detail::shape_string(t.shape).c_str(), io_detail::shape_string(shape).c_str());
+                     name.c_str(), detail::io::shape_string(t.shape).c_str(), detail::io::shape_string(shape).c_str());
     return t;
   }
 
@@ -395,10 +396,10 @@ class safetensors_file {
     using json = nlohmann::json;
     const std::uint64_t size = bytes_.size();
     if (size < 8) fail("the file has %llu bytes, fewer than the 8-byte header length", static_cast<unsigned long long>(size));
-    const std::uint64_t n = io_detail::load_u64_le(bytes_.data());
-    if (n > io_detail::max_header_bytes)
+    const std::uint64_t n = detail::io::load_u64_le(bytes_.data());
+    if (n > detail::io::max_header_bytes)
       fail("header length %llu exceeds the limit of %llu bytes", static_cast<unsigned long long>(n),
-           static_cast<unsigned long long>(io_detail::max_header_bytes));
+           static_cast<unsigned long long>(detail::io::max_header_bytes));
     if (n > size - 8)
       fail("header length %llu is larger than the %llu bytes that follow it (truncated file?)",
            static_cast<unsigned long long>(n), static_cast<unsigned long long>(size - 8));
@@ -407,9 +408,9 @@ class safetensors_file {
     const std::uint64_t buffer = size - 8 - n;
 
     const char* h = reinterpret_cast<const char*>(bytes_.data() + 8);
-    if (io_detail::json_depth(h, static_cast<std::size_t>(n)) > io_detail::max_json_depth)
-      fail("the header nests JSON deeper than %d levels (a valid header has 3)", io_detail::max_json_depth);
-    io_detail::duplicate_key_guard guard;
+    if (detail::io::json_depth(h, static_cast<std::size_t>(n)) > detail::io::max_json_depth)
+      fail("the header nests JSON deeper than %d levels (a valid header has 3)", detail::io::max_json_depth);
+    detail::io::duplicate_key_guard guard;
     json header;
     try {
       header = json::parse(h, h + n, std::ref(guard), /*allow_exceptions=*/true);
@@ -504,7 +505,7 @@ class safetensors_file {
     if (t.end - t.begin != nbytes)
       fail_tensor(name, "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] span " +
                             std::to_string(t.end - t.begin) + " bytes, but dtype " + to_string(t.dtype) + " and shape " +
-                            io_detail::shape_string(t.shape) + " need " + std::to_string(nbytes));
+                            detail::io::shape_string(t.shape) + " need " + std::to_string(nbytes));
     return t;
   }
 
@@ -537,12 +538,12 @@ class safetensors_writer {
     index_t nbytes = 0;
     if (!detail::mul_ok(count, static_cast<index_t>(dtype_size(dtype)), nbytes))
       detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s': shape %s in %s has more bytes than fit in 64 bits",
-                     name.c_str(), io_detail::shape_string(shape).c_str(), to_string(dtype));
+                     name.c_str(), detail::io::shape_string(shape).c_str(), to_string(dtype));
     if (n > 0 && !data) detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s': null data", name.c_str());
     entry e{dtype, shape, {}};
     detail::allocate_or_throw(("safetensors_writer: tensor '" + name + "'").c_str(), nbytes, 1,
                               [&] { e.bytes.reserve(static_cast<std::size_t>(nbytes)); });
-    io_detail::append_converted(e.bytes, dtype, data, n);
+    detail::io::append_converted(e.bytes, dtype, data, n);
     entries_.emplace(name, std::move(e));
   }
   template <class S>
@@ -550,7 +551,7 @@ class safetensors_writer {
     const std::size_t n = static_cast<std::size_t>(element_count(name, shape));
     if (data.size() != n)
       detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s' has %zu values for shape %s (%zu elements)",
-                     name.c_str(), data.size(), io_detail::shape_string(shape).c_str(), n);
+                     name.c_str(), data.size(), detail::io::shape_string(shape).c_str(), n);
     add(name, dtype, shape, data.data());
   }
   /// A metadata entry (string to string).
@@ -588,7 +589,7 @@ class safetensors_writer {
     if (!detail::add_ok(std::size_t{8} + header.size(), static_cast<std::size_t>(pos), total))
       detail::raisef(errc::out_of_memory, "safetensors_writer: the file would have more bytes than fit in memory");
     detail::allocate_or_throw("safetensors_writer: the file", static_cast<index_t>(total), 1, [&] { out.reserve(total); });
-    io_detail::store_u64_le(out.data(), header.size());
+    detail::io::store_u64_le(out.data(), header.size());
     out.insert(out.end(), header.begin(), header.end());
     for (const auto& o : order) out.insert(out.end(), o.second->bytes.begin(), o.second->bytes.end());
     return out;
@@ -628,12 +629,12 @@ class safetensors_writer {
     for (auto s : shape) {
       if (s < 0)
         detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s' has a negative extent in shape %s",
-                       name.c_str(), io_detail::shape_string(shape).c_str());
+                       name.c_str(), detail::io::shape_string(shape).c_str());
       n.mul(static_cast<index_t>(s));
     }
     if (!n.ok())
       detail::raisef(errc::invalid_argument, "safetensors_writer: tensor '%s': shape %s has more elements than fit in 64 bits",
-                     name.c_str(), io_detail::shape_string(shape).c_str());
+                     name.c_str(), detail::io::shape_string(shape).c_str());
     return n.value();
   }
 
@@ -646,4 +647,4 @@ class safetensors_writer {
   std::map<std::string, std::string> metadata_;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// The one MoE layer type, declared once and specialised per backend (the CUTLASS way): a user
 /// switches backend by changing the Backend argument. cpu/moe_layer.hpp holds the dmoe::cpu
@@ -17,7 +18,7 @@
 #include "../routing/routers.hpp"
 #include "spec.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 namespace detail {
 template <class>
@@ -53,4 +54,4 @@ class moe_layer {
                 "<dmoe/cuda.cuh> from a .cu translation unit compiled by nvcc)");
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

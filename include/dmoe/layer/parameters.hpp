@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Flat views of a layer's parameters (and of its gradients, in the same order), grouped so that
 /// an optimizer can train the experts, the router, or both: router-only training (experts
@@ -15,7 +16,7 @@
 #include "../experts/expert_weights.hpp"
 #include "../routing/routers.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Which parameters a view covers.
 enum class param_group : unsigned { experts = 1, router = 2, all = 3 };
@@ -73,4 +74,4 @@ param_list<T> parameters_of(expert_weights<T>& experts, Router& router, param_gr
   return out;
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

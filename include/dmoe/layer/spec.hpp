@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// The backend-neutral specification of a layer: configuration and option rules, the argument
 /// checks of forward and backward, FLOP counts and max_k. Both backends' moe_layer call these,
@@ -18,7 +19,7 @@
 #include "../routing/options.hpp"
 #include "../routing/stats.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Runtime shape of a layer. num_experts / expert_width must match static extents if given.
 struct moe_config {
@@ -176,4 +177,4 @@ struct layer_spec {
 };
 
 }  // namespace detail
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Auxiliary router losses (docs/algorithms.md sections 2 and 4). Each is its own term: a layer
 /// reports their values for the last forward (aux_losses) and backward adds the gradient of
@@ -10,7 +11,7 @@
 
 #include "../core/status.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Values of the auxiliary losses, or their weights in the total loss.
 struct aux_losses {
@@ -46,4 +47,4 @@ inline status check_aux_weights(const aux_losses& w) noexcept {
   return {};
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Routing policies without Eigen: the policy tags (the layer's template argument), their
 /// options, and the rules on those options (validation, most experts per token). The routers
@@ -12,7 +13,7 @@
 #include "../core/config.hpp"
 #include "../core/status.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Options of the softmax top-k router.
 struct top_k_options {
@@ -92,4 +93,4 @@ template <class Policy>
 inline constexpr bool fixed_k_v = std::is_same_v<Policy, top_k>;
 
 }  // namespace detail
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// The routing plan: one representation for every policy. Compressed rows over tokens:
 /// token t's slots are [token_offsets[t], token_offsets[t+1]); slot s sends the token to
@@ -12,7 +13,7 @@
 
 #include "../core/config.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Non-owning routing plan (storage usually lives in a layer's workspace).
 template <class T>
@@ -29,4 +30,4 @@ struct routing_plan {
   index_t k(index_t t) const noexcept { return token_offsets[t + 1] - token_offsets[t]; }
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

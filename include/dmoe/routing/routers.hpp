@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// The three routers: their parameters, options and cost. Backend-neutral (host storage);
 /// the backends' route drivers apply detail::select_* (selection.hpp) per token.
@@ -17,7 +18,7 @@
 #include "../detail/random.hpp"
 #include "options.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Column-major dense matrix: column e of a gate matrix is expert e's vector.
 template <class T>
@@ -269,4 +270,4 @@ class top_any_router {
   top_any_options opt_;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

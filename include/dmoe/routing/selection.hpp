@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Per-token selection rules of the three policies (docs/algorithms.md sections 2-4), written
 /// once as plain functions over one token's scores so that every backend applies the same rule.
@@ -12,7 +13,7 @@
 
 #include "../core/config.hpp"
 
-namespace dmoe::detail {
+DMOE_NAMESPACE_BEGIN namespace detail {
 
 /// Keeps `best` (size <= k) ordered by (score desc, id asc); inserts id if it ranks.
 template <class T>
@@ -113,4 +114,4 @@ DMOE_HOST_DEVICE inline index_t select_top_any(const T* cos, const T* g, const s
   return count;
 }
 
-}  // namespace dmoe::detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// Routing statistics of one call: how many experts each token ran, how many tokens each expert
 /// got, and the executed FLOPs (docs/algorithms.md section 6). The caller constructs a
@@ -13,7 +14,7 @@
 #include "../core/config.hpp"
 #include "plan.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Per-call routing statistics. FLOPs count multiply-adds of the matrix products as 2 each;
 /// biases, activations, softmax and norms are not counted.
@@ -65,4 +66,4 @@ struct routing_stats {
   }
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

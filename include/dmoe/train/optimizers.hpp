@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../core/namespace.hpp"
 /// \file
 /// SGD with momentum and AdamW over a parameter list (train/parameters.hpp). The optimizer owns its
 /// state (allocated at construction); step() allocates nothing and visits elements in a fixed
@@ -13,7 +14,7 @@
 #include "../core/status.hpp"
 #include "parameters.hpp"
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 namespace detail {
 template <class T>
@@ -155,4 +156,4 @@ class adamw {
   long t_ = 0;
 };
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

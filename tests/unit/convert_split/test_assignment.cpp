@@ -120,7 +120,7 @@ TEST_SUITE("convert") {
           std::vector<double> prices(std::size_t(E), 0.0);
           if (rep % 2)
             for (auto& p : prices) p = g.uniform(-5, 5);
-          const double got = dmoe::convert_detail::balanced_assignment(cost.data(), F, E, cap, a.data(), prices.data());
+          const double got = dmoe::detail::conversion::balanced_assignment(cost.data(), F, E, cap, a.data(), prices.data());
           brute_force bf{cost, F, E, cap, std::vector<int>(std::size_t(E), 0)};
           bf.go(0, 0.0);
           INFO("F=", F, " E=", E, " kind=", kind, " rep=", rep);
@@ -142,7 +142,7 @@ TEST_SUITE("convert") {
       const int E = g.integer(1, 12), cap = g.integer(1, 40), F = E * cap;
       const auto cost = random_costs(g, F, E, i % 3);
       std::vector<index_t> a(std::size_t(F), -1);
-      (void)dmoe::convert_detail::balanced_assignment(cost.data(), F, E, cap, a.data());
+      (void)dmoe::detail::conversion::balanced_assignment(cost.data(), F, E, cap, a.data());
       INFO("F=", F, " E=", E, " case ", i);
       check_balanced(a, E, cap);
       CHECK_FALSE(has_negative_exchange_cycle(cost, a, E, 1e-9));
@@ -168,7 +168,7 @@ TEST_SUITE("convert") {
         ++count[std::size_t(bk)];
       }
       std::vector<index_t> opt(static_cast<std::size_t>(F));
-      const double best = dmoe::convert_detail::balanced_assignment(cost.data(), F, E, cap, opt.data());
+      const double best = dmoe::detail::conversion::balanced_assignment(cost.data(), F, E, cap, opt.data());
       double g_cost = 0;
       for (int p = 0; p < F; ++p) g_cost += cost[std::size_t(p * E + greedy[std::size_t(p)])];
       CHECK(best <= g_cost + 1e-12);
@@ -183,9 +183,9 @@ TEST_SUITE("convert") {
   TEST_CASE("balanced assignment: bad shapes and non-finite costs are errors") {
     std::vector<double> c(12, 0.0);
     std::vector<index_t> a(12);
-    CHECK_THROWS_AS(dmoe::convert_detail::balanced_assignment(c.data(), 12, 5, 2, a.data()), dmoe::error);
-    CHECK_THROWS_AS(dmoe::convert_detail::balanced_assignment(c.data(), 12, 0, 12, a.data()), dmoe::error);
+    CHECK_THROWS_AS(dmoe::detail::conversion::balanced_assignment(c.data(), 12, 5, 2, a.data()), dmoe::error);
+    CHECK_THROWS_AS(dmoe::detail::conversion::balanced_assignment(c.data(), 12, 0, 12, a.data()), dmoe::error);
     c[7] = std::numeric_limits<double>::quiet_NaN();
-    CHECK_THROWS_AS(dmoe::convert_detail::balanced_assignment(c.data(), 6, 2, 3, a.data()), dmoe::error);
+    CHECK_THROWS_AS(dmoe::detail::conversion::balanced_assignment(c.data(), 6, 2, 3, a.data()), dmoe::error);
   }
 }

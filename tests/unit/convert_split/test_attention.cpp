@@ -121,7 +121,7 @@ TEST_SUITE("convert") {
         }
       const double scale = 0.37, lambda = c % 2 ? 0.5 : 0.0;
       double mse = 0;
-      const double loss = dmoe::convert_detail::mlp_loss(f, x, y, scale, lambda, grad, mse);
+      const double loss = dmoe::detail::conversion::mlp_loss(f, x, y, scale, lambda, grad, mse);
       CHECK(mse <= loss + 1e-15);
       const double eps = 1e-6;
       int bad = 0;
@@ -131,9 +131,9 @@ TEST_SUITE("convert") {
           double m1 = 0, m2 = 0;
           dmoe::dense_ffn<double, dmoe::gelu_erf> tmp(d, h);
           param.data()[i] = keep + eps;
-          const double lp = dmoe::convert_detail::mlp_loss(f, x, y, scale, lambda, tmp, m1);
+          const double lp = dmoe::detail::conversion::mlp_loss(f, x, y, scale, lambda, tmp, m1);
           param.data()[i] = keep - eps;
-          const double lm = dmoe::convert_detail::mlp_loss(f, x, y, scale, lambda, tmp, m2);
+          const double lm = dmoe::detail::conversion::mlp_loss(f, x, y, scale, lambda, tmp, m2);
           param.data()[i] = keep;
           const double fd = (lp - lm) / (2 * eps);
           if (std::fabs(fd - gparam.data()[i]) > 1e-5 * (1 + std::fabs(fd))) ++bad;

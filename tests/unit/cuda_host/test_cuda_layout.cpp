@@ -15,7 +15,7 @@
 
 #include "test_random.hpp"
 
-namespace cd = dmoe::cuda_detail;
+namespace cd = dmoe::detail::cuda_backend;
 using dmoe::index_t;
 
 namespace {

@@ -19,7 +19,7 @@
 
 using dmoe::cpu_isa;
 using dmoe::index_t;
-namespace cd = dmoe::cpu_detail;
+namespace cd = dmoe::detail::cpu_backend;
 
 namespace {
 

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../../core/namespace.hpp"
 /// \file
 /// Exact balanced assignment: F points, E clusters, every cluster receives exactly `capacity`
 /// points (F = E * capacity), minimising the total cost sum_p c(p, cluster(p)).
@@ -35,7 +36,7 @@
 #include "../../core/config.hpp"
 #include "../../core/status.hpp"
 
-namespace dmoe::convert_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::conversion {
 
 /// Solves the balanced assignment for the row-major (F x E) cost matrix `cost` (cost[p * E + k] is
 /// c(p, k)). Writes assign[p] in [0, E) and returns the total cost. `potentials` (E values, may be
@@ -149,4 +150,4 @@ inline double balanced_assignment(const double* cost, index_t F, index_t E, inde
   return total;
 }
 
-}  // namespace dmoe::convert_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::conversion

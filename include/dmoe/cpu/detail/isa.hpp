@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../../core/namespace.hpp"
 /// \file
 /// Which instruction set the CPU product kernels use, chosen at run time: users need no -march
 /// flag. The best one the CPU runs is taken by default; the environment variable DMOE_CPU_ISA
@@ -21,7 +22,7 @@
 #define DMOE_HAVE_X86_KERNELS 0
 #endif
 
-namespace dmoe {
+DMOE_NAMESPACE_BEGIN
 
 /// Instruction sets of the CPU product kernels, in increasing order.
 enum class cpu_isa : int {
@@ -39,7 +40,7 @@ inline const char* to_string(cpu_isa i) noexcept {
   return "unknown";
 }
 
-namespace cpu_detail {
+namespace detail::cpu_backend {
 
 /// The best instruction set this CPU runs (and this build compiled kernels for).
 inline cpu_isa supported_isa() noexcept {
@@ -73,25 +74,25 @@ inline std::atomic<int>& active_isa_storage() noexcept {
   return isa;
 }
 
-}  // namespace cpu_detail
+}  // namespace detail::cpu_backend
 
 /// The instruction set the CPU kernels use now.
 inline cpu_isa active_cpu_isa() noexcept {
-  return static_cast<cpu_isa>(cpu_detail::active_isa_storage().load(std::memory_order_relaxed));
+  return static_cast<cpu_isa>(detail::cpu_backend::active_isa_storage().load(std::memory_order_relaxed));
 }
 
 /// The best instruction set this CPU and build support.
-inline cpu_isa supported_cpu_isa() noexcept { return cpu_detail::supported_isa(); }
+inline cpu_isa supported_cpu_isa() noexcept { return detail::cpu_backend::supported_isa(); }
 
 /// Makes the CPU kernels use `isa` (for comparisons and tests). Fails if the CPU (or the build:
 /// DMOE_NO_SIMD_KERNELS, non-x86) lacks it. Not to be called while forward/backward run.
 /// Results do not change; layers repack their weights for the new panel width on next use.
 inline status set_cpu_isa(cpu_isa isa) noexcept {
-  if (static_cast<int>(isa) < 0 || static_cast<int>(isa) > static_cast<int>(cpu_detail::supported_isa()))
+  if (static_cast<int>(isa) < 0 || static_cast<int>(isa) > static_cast<int>(detail::cpu_backend::supported_isa()))
     return status::failure(errc::unsupported, "set_cpu_isa: %s is not supported here (best: %s)", to_string(isa),
-                           to_string(cpu_detail::supported_isa()));
-  cpu_detail::active_isa_storage().store(static_cast<int>(isa), std::memory_order_relaxed);
+                           to_string(detail::cpu_backend::supported_isa()));
+  detail::cpu_backend::active_isa_storage().store(static_cast<int>(isa), std::memory_order_relaxed);
   return {};
 }
 
-}  // namespace dmoe
+DMOE_NAMESPACE_END  // namespace dmoe

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../../core/namespace.hpp"
 /// \file
 /// Expert weights in the panel layout of the CPU kernels (panel_kernels.hpp), kept beside the
 /// canonical expert_weights by the CPU layer:
@@ -27,7 +28,7 @@
 #include "isa.hpp"
 #include "panel_kernels.hpp"
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// 64-byte aligned array that reports allocation failure as dmoe::error (cold path).
 template <class T>
@@ -170,4 +171,4 @@ class packed_experts {
   mutable std::mutex mutex_;  // each copy has its own
 };
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
 #pragma once
+#include "../../core/namespace.hpp"
 /// \file
 /// The CPU product of the expert hot path: C = init + A B, computed by register-blocked
 /// outer-product tiles (broadcast one A value, multiply-add it into a row of B vectors).
@@ -46,7 +47,7 @@
 #define DMOE_PANEL_DEPTH_BYTES 4096
 #endif
 
-namespace dmoe::cpu_detail {
+DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// Operand A of a product: rows of K contiguous values, row i at data + row(i) * ld.
 template <class T>
@@ -271,4 +272,4 @@ inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_sour
   }
 }
 
-}  // namespace dmoe::cpu_detail
+}  DMOE_NAMESPACE_END  // namespace dmoe::detail::cpu_backend
