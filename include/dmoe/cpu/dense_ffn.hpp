@@ -64,7 +64,7 @@ class dense_ffn {
   dense_ffn(const dense_ffn& o)
       : w1_(o.w1_), b1_(o.b1_), w2_(o.w2_), b2_(o.b2_), version_(o.version_), w1p_(o.w1p_), w2p_(o.w2p_) {
     packed_version_.store(o.packed_version_.load());
-    packed_isa_.store(o.packed_isa_.load());
+    packed_nr_.store(o.packed_nr_.load());
   }
   dense_ffn& operator=(const dense_ffn& o) {
     if (this != &o) {
@@ -77,7 +77,7 @@ class dense_ffn {
       : w1_(std::move(o.w1_)), b1_(std::move(o.b1_)), w2_(std::move(o.w2_)), b2_(std::move(o.b2_)),
         version_(o.version_), w1p_(std::move(o.w1p_)), w2p_(std::move(o.w2p_)) {
     packed_version_.store(o.packed_version_.load());
-    packed_isa_.store(o.packed_isa_.load());
+    packed_nr_.store(o.packed_nr_.load());
     o.packed_version_.store(0);
   }
   dense_ffn& operator=(dense_ffn&& o) noexcept {
@@ -89,7 +89,7 @@ class dense_ffn {
     w1p_ = std::move(o.w1p_);
     w2p_ = std::move(o.w2p_);
     packed_version_.store(o.packed_version_.load());
-    packed_isa_.store(o.packed_isa_.load());
+    packed_nr_.store(o.packed_nr_.load());
     o.packed_version_.store(0);
     return *this;
   }
@@ -181,11 +181,11 @@ class dense_ffn {
   struct scratch {
     detail::cpu_backend::worker_scratch<T> hidden;
   };
-  /// Packs W1 and W2 into panels for `isa` if they changed since (concurrent forwards: one packs).
+  /// Packs W1 and W2 into panels of `isa`'s width if they or the width changed since (concurrent forwards: one packs).
   void refresh_packed(cpu_isa isa) const noexcept {
     auto current = [&] {
       return packed_version_.load(std::memory_order_acquire) == version_.value() &&
-             packed_isa_.load(std::memory_order_relaxed) == static_cast<int>(isa);
+             packed_nr_.load(std::memory_order_relaxed) == detail::cpu_backend::tile_for<T>(isa).nr();
     };
     if (current()) return;
     std::lock_guard<std::mutex> lock(pack_mutex_);
@@ -194,7 +194,7 @@ class dense_ffn {
     const index_t d = d_model(), F = hidden(), fF = width_factor<Activation> * F, nr = detail::cpu_backend::tile_for<T>(isa).nr();
     detail::cpu_backend::pack_panels<T>(d, fF, w1_.data(), 1, d, nr, w1p_.data());
     detail::cpu_backend::pack_panels<T>(F, d, w2_.data(), 1, F, nr, w2p_.data());
-    packed_isa_.store(static_cast<int>(isa), std::memory_order_relaxed);
+    packed_nr_.store(nr, std::memory_order_relaxed);
     packed_version_.store(v, std::memory_order_release);
   }
   scratch carve(detail::carver& c, index_t threads) const noexcept {
@@ -212,7 +212,7 @@ class dense_ffn {
   version_tag version_;
   mutable detail::cpu_backend::aligned_array<T> w1p_, w2p_;  // panels: a cache of w1_/w2_ (refresh_packed)
   mutable std::atomic<std::uint64_t> packed_version_{0};
-  mutable std::atomic<int> packed_isa_{-1};
+  mutable std::atomic<index_t> packed_nr_{-1};  // panel width packed
   mutable std::mutex pack_mutex_;
 };
 

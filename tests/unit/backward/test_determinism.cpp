@@ -176,6 +176,18 @@ void batch_invariance(case_cfg c) {
     INFO("instruction set " << dmoe::to_string(dmoe::cpu_isa(i)));
     CHECK(same_bytes(base.y, other.y));
     CHECK(same_bytes(base.dx, other.dx));
+    if (dmoe::cpu_isa(i) == dmoe::cpu_isa::avx512) {  // both AVX-512 register tiles
+      namespace cb = dmoe::detail::cpu_backend;
+      const cb::avx512_tile tile = cb::active_avx512_tile();
+      for (cb::avx512_tile t : {cb::avx512_tile::tall, cb::avx512_tile::wide}) {
+        cb::set_avx512_tile(t);
+        const run_result tiled = run_once(layer, dmoe::context<dmoe::cpu>{}, x, dy, nullptr);
+        INFO("AVX-512 tile " << (t == cb::avx512_tile::wide ? "wide" : "tall"));
+        CHECK(same_bytes(base.y, tiled.y));
+        CHECK(same_bytes(base.dx, tiled.dx));
+      }
+      cb::set_avx512_tile(tile);
+    }
   }
   REQUIRE(dmoe::set_cpu_isa(before).ok());
 }

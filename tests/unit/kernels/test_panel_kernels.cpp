@@ -25,11 +25,30 @@ namespace {
 
 std::size_t sz(index_t n) { return static_cast<std::size_t>(n); }
 
-std::vector<cpu_isa> runnable_isas() {
-  std::vector<cpu_isa> v;
-  for (int i = 0; i <= int(dmoe::supported_cpu_isa()); ++i) v.push_back(cpu_isa(i));
+/// One kernel: an instruction set and, for AVX-512, one of its two register tiles.
+struct kernel_choice {
+  cpu_isa isa;
+  cd::avx512_tile tile;
+  std::string name() const {
+    return std::string(dmoe::to_string(isa)) +
+           (isa == cpu_isa::avx512 ? (tile == cd::avx512_tile::wide ? "/wide" : "/tall") : "");
+  }
+};
+/// Every kernel this CPU runs.
+std::vector<kernel_choice> runnable_kernels() {
+  std::vector<kernel_choice> v;
+  for (int i = 0; i <= int(dmoe::supported_cpu_isa()); ++i) {
+    v.push_back({cpu_isa(i), cd::avx512_tile::tall});
+    if (cpu_isa(i) == cpu_isa::avx512) v.push_back({cpu_isa(i), cd::avx512_tile::wide});
+  }
   return v;
 }
+/// Selects a kernel's AVX-512 tile for a scope, restoring the previous one after.
+struct tile_scope {
+  cd::avx512_tile before = cd::active_avx512_tile();
+  explicit tile_scope(const kernel_choice& k) { cd::set_avx512_tile(k.tile); }
+  ~tile_scope() { cd::set_avx512_tile(before); }
+};
 
 template <class T>
 bool same_bits(T a, T b) {
@@ -75,12 +94,14 @@ int check_product(dmoe_test::test_rng& g, cpu_isa isa, index_t m, index_t N, ind
 
 template <class T>
 void random_products(const char* tag) {
-  for (cpu_isa isa : runnable_isas()) {
-    dmoe_test::test_rng g(dmoe_test::seed_of(std::string("panel/") + tag + dmoe::to_string(isa), 0));
+  for (const kernel_choice& kc : runnable_kernels()) {
+    const tile_scope scope(kc);
+    const cpu_isa isa = kc.isa;
+    dmoe_test::test_rng g(dmoe_test::seed_of(std::string("panel/") + tag + kc.name(), 0));
     for (int rep = 0; rep < 120; ++rep) {
       const index_t m = g.integer(1, 40), N = g.integer(1, 100), K = g.integer(0, 70);
       const bool packed = g.integer(0, 1) == 1, bias = g.integer(0, 1) == 1, indexed = g.integer(0, 1) == 1;
-      INFO(dmoe::to_string(isa), " m=", m, " N=", N, " K=", K, " packed=", packed, " bias=", bias);
+      INFO(kc.name(), " m=", m, " N=", N, " K=", K, " packed=", packed, " bias=", bias);
       CHECK(check_product<T>(g, isa, m, N, K, packed, bias, indexed) == 0);
     }
   }
@@ -93,12 +114,14 @@ TEST_SUITE("kernels") {
   TEST_CASE("panel kernels equal a std::fma chain bitwise, every ISA, double") { random_products<double>("d"); }
 
   TEST_CASE("panel kernels: tile edges (every row count up to 3 tiles, panel remainders)") {
-    for (cpu_isa isa : runnable_isas()) {
-      dmoe_test::test_rng g(dmoe_test::seed_of(std::string("panel-edges/") + dmoe::to_string(isa), 0));
+    for (const kernel_choice& kc : runnable_kernels()) {
+    const tile_scope scope(kc);
+    const cpu_isa isa = kc.isa;
+      dmoe_test::test_rng g(dmoe_test::seed_of(std::string("panel-edges/") + kc.name(), 0));
       const auto t = cd::tile_for<float>(isa);
       for (index_t m = 1; m <= 3 * t.mr + 1; ++m)
         for (index_t N : {index_t(1), t.nr() - 1, t.nr(), t.nr() + 1, 3 * t.nr() + 5}) {
-          INFO(dmoe::to_string(isa), " m=", m, " N=", N);
+          INFO(kc.name(), " m=", m, " N=", N);
           CHECK(check_product<float>(g, isa, m, N, 33, true, true, true) == 0);
           CHECK(check_product<float>(g, isa, m, N, 17, false, false, false) == 0);
         }
@@ -106,8 +129,10 @@ TEST_SUITE("kernels") {
   }
 
   TEST_CASE("panel kernels: a row's result does not depend on the other rows (batch invariance)") {
-    for (cpu_isa isa : runnable_isas()) {
-      dmoe_test::test_rng g(dmoe_test::seed_of(std::string("panel-batch/") + dmoe::to_string(isa), 0));
+    for (const kernel_choice& kc : runnable_kernels()) {
+    const tile_scope scope(kc);
+    const cpu_isa isa = kc.isa;
+      dmoe_test::test_rng g(dmoe_test::seed_of(std::string("panel-batch/") + kc.name(), 0));
       const index_t m = 37, N = 70, K = 129;
       std::vector<float> A(sz(m * K)), B(sz(K * N)), C(sz(m * N)), C1(sz(N));
       for (auto& v : A) v = float(g.normal());
@@ -175,5 +200,17 @@ TEST_SUITE("kernels") {
     if (isa != cpu_isa::portable) CHECK_FALSE(p.is_current(w = w, cpu_isa::portable));
     cd::packed_experts<float> q = p;  // copies carry the panels and their stamp
     CHECK(q.is_current(w, isa) == p.is_current(w, isa));
+    if (isa == cpu_isa::avx512) {  // the other AVX-512 tile has another panel width: repacked
+      p.refresh(w, isa);
+      const kernel_choice other{isa, cd::active_avx512_tile() == cd::avx512_tile::wide ? cd::avx512_tile::tall
+                                                                                       : cd::avx512_tile::wide};
+      const tile_scope scope(other);
+      CHECK_FALSE(p.is_current(w, isa));
+      p.refresh(w, isa);
+      CHECK(p.is_current(w, isa));
+      const index_t nr2 = cd::tile_for<float>(isa).nr();
+      CHECK(nr2 != nr);
+      CHECK(p.w1(2, nr2).data[(17 / nr2) * s.d_model * nr2 + 5 * nr2 + 17 % nr2] == 42.0f);
+    }
   }
 }

@@ -87,7 +87,7 @@ class packed_experts {
   packed_experts(const packed_experts& o)
       : shape_(o.shape_), w1_stride_(o.w1_stride_), w2_stride_(o.w2_stride_), w1p_(o.w1p_), w2p_(o.w2p_) {
     packed_version_.store(o.packed_version_.load(std::memory_order_acquire), std::memory_order_relaxed);
-    packed_isa_.store(o.packed_isa_.load(std::memory_order_acquire), std::memory_order_relaxed);
+    packed_nr_.store(o.packed_nr_.load(std::memory_order_acquire), std::memory_order_relaxed);
   }
   packed_experts& operator=(const packed_experts& o) {
     if (this != &o) {
@@ -98,7 +98,7 @@ class packed_experts {
       w1p_ = std::move(tmp.w1p_);
       w2p_ = std::move(tmp.w2p_);
       packed_version_.store(tmp.packed_version_.load(), std::memory_order_release);
-      packed_isa_.store(tmp.packed_isa_.load(), std::memory_order_release);
+      packed_nr_.store(tmp.packed_nr_.load(), std::memory_order_release);
     }
     return *this;
   }
@@ -109,7 +109,7 @@ class packed_experts {
         w1p_(std::move(o.w1p_)),
         w2p_(std::move(o.w2p_)) {
     packed_version_.store(o.packed_version_.load(std::memory_order_acquire), std::memory_order_relaxed);
-    packed_isa_.store(o.packed_isa_.load(std::memory_order_acquire), std::memory_order_relaxed);
+    packed_nr_.store(o.packed_nr_.load(std::memory_order_acquire), std::memory_order_relaxed);
     o.packed_version_.store(0);
   }
   packed_experts& operator=(packed_experts&& o) noexcept {
@@ -120,13 +120,14 @@ class packed_experts {
       w1p_ = std::move(o.w1p_);
       w2p_ = std::move(o.w2p_);
       packed_version_.store(o.packed_version_.load(), std::memory_order_release);
-      packed_isa_.store(o.packed_isa_.load(), std::memory_order_release);
+      packed_nr_.store(o.packed_nr_.load(), std::memory_order_release);
       o.packed_version_.store(0);
     }
     return *this;
   }
 
-  /// Rebuilds the panels if `w` changed since they were packed, or the instruction set did.
+  /// Rebuilds the panels if `w` changed since they were packed, or the panel width did (another
+  /// instruction set or AVX-512 tile).
   /// Safe to call from concurrent forwards (one packs, the others wait); the weights must not be
   /// written meanwhile (as for any read of them). Allocates nothing.
   void refresh(const expert_weights<T>& w, cpu_isa isa) const noexcept {
@@ -134,13 +135,14 @@ class packed_experts {
     std::lock_guard<std::mutex> lock(mutex_);
     if (is_current(w, isa)) return;
     const std::uint64_t version = w.version();
-    pack_all(w, tile_for<T>(isa).nr());
-    packed_isa_.store(static_cast<int>(isa), std::memory_order_relaxed);
+    const index_t nr = tile_for<T>(isa).nr();
+    pack_all(w, nr);
+    packed_nr_.store(nr, std::memory_order_relaxed);
     packed_version_.store(version, std::memory_order_release);
   }
   bool is_current(const expert_weights<T>& w, cpu_isa isa) const noexcept {
     return packed_version_.load(std::memory_order_acquire) == w.version() &&
-           packed_isa_.load(std::memory_order_relaxed) == static_cast<int>(isa);
+           packed_nr_.load(std::memory_order_relaxed) == tile_for<T>(isa).nr();
   }
 
   /// Panels of expert e (valid after refresh with the same instruction set).
@@ -167,7 +169,7 @@ class packed_experts {
   index_t w1_stride_ = 0, w2_stride_ = 0;
   mutable aligned_array<T> w1p_, w2p_;  // a cache of the weights: rebuilt inside const forwards
   mutable std::atomic<std::uint64_t> packed_version_{0};  // 0: never packed (stamps start at 1)
-  mutable std::atomic<int> packed_isa_{-1};
+  mutable std::atomic<index_t> packed_nr_{-1};  // panel width packed (tile_for(isa).nr())
   mutable std::mutex mutex_;  // each copy has its own
 };
 

@@ -22,8 +22,11 @@
 /// and picked at run time (isa.hpp); the portable one is plain C++.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "../../core/config.hpp"
@@ -79,17 +82,55 @@ struct tile_shape {
   constexpr index_t nr() const noexcept { return index_t(nv) * lanes; }
 };
 
+/// The two AVX-512 register tiles. Which is faster depends on the core, not on the instruction
+/// set (bench_kernels, docs/benchmarks.md "Tile shapes"): `tall` (14 rows x 2 vectors: 28
+/// accumulators, 16 loads per 28 FMAs) on Intel cores with two 512-bit FMA ports; `wide` (6 x 4:
+/// 24 accumulators, 10 loads per 24 FMAs, a 6-row A block that stays in a 32 KiB L1) on AMD Zen 4,
+/// which splits 512-bit FMAs over its 256-bit units and measured 93% of peak with `tall`, 97-99%
+/// with `wide`. Every element is the same FMA chain under either: the choice changes no bit.
+enum class avx512_tile : int { tall = 0, wide = 1 };
+
+/// The default for this CPU (AMD: wide, others: tall), or DMOE_AVX512_TILE=tall|wide.
+inline avx512_tile default_avx512_tile() noexcept {
+  if (const char* v = std::getenv("DMOE_AVX512_TILE")) {
+    if (std::strcmp(v, "wide") == 0) return avx512_tile::wide;
+    if (std::strcmp(v, "tall") == 0) return avx512_tile::tall;
+  }
+#if DMOE_HAVE_X86_KERNELS
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("amd")) return avx512_tile::wide;
+#endif
+  return avx512_tile::tall;
+}
+inline std::atomic<int>& avx512_tile_storage() noexcept {
+  static std::atomic<int> t{static_cast<int>(default_avx512_tile())};
+  return t;
+}
+inline avx512_tile active_avx512_tile() noexcept {
+  return static_cast<avx512_tile>(avx512_tile_storage().load(std::memory_order_relaxed));
+}
+/// For tests and benchmarks, like set_cpu_isa: not while forward/backward run. Layers repack
+/// their weights for the new panel width on next use.
+inline void set_avx512_tile(avx512_tile t) noexcept {
+  avx512_tile_storage().store(static_cast<int>(t), std::memory_order_relaxed);
+}
+
 /// Tile shapes, chosen by measurement (docs/benchmarks.md, "Tile shapes"): enough independent
 /// accumulators to cover FMA latency on two FMA ports, and few enough loads per FMA.
 template <class T>
-constexpr tile_shape tile_for(cpu_isa isa) noexcept {
+constexpr tile_shape tile_for(cpu_isa isa, avx512_tile variant) noexcept {
   constexpr int w = sizeof(T) == 4 ? 1 : 0;  // float lanes are twice the double lanes
   switch (isa) {
-    case cpu_isa::avx512: return {14, 2, 8 << w};
+    case cpu_isa::avx512: return variant == avx512_tile::wide ? tile_shape{6, 4, 8 << w} : tile_shape{14, 2, 8 << w};
     case cpu_isa::avx2: return {6, 2, 4 << w};
     case cpu_isa::portable: break;
   }
   return {4, 4, 1};
+}
+/// The tile the kernels use now for `isa`.
+template <class T>
+inline tile_shape tile_for(cpu_isa isa) noexcept {
+  return tile_for<T>(isa, active_avx512_tile());
 }
 
 /// Bytes of B panels one pass over a row block reads: a share of a 1-2 MiB L2 that leaves room
@@ -102,7 +143,8 @@ inline constexpr index_t panel_depth_bytes = DMOE_PANEL_DEPTH_BYTES;
 /// Widest panel any instruction set uses for T: storage sized for it fits every kernel.
 template <class T>
 constexpr index_t max_panel_width() noexcept {
-  return tile_for<T>(cpu_isa::avx512).nr();
+  return (std::max)(tile_for<T>(cpu_isa::avx512, avx512_tile::tall).nr(),
+                    tile_for<T>(cpu_isa::avx512, avx512_tile::wide).nr());
 }
 
 /// Packs a K x N operand into panels of nr columns, zero padded: dst[p][k][jj] = src(k, p nr + jj),
@@ -253,14 +295,19 @@ inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_sour
                           const T* init, T* c, index_t ldc) noexcept {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "panel_product: float or double");
   if (m <= 0 || N <= 0) return;
-  constexpr tile_shape tp = tile_for<T>(cpu_isa::portable);
+  constexpr tile_shape tp = tile_for<T>(cpu_isa::portable, avx512_tile::tall);
 #if DMOE_HAVE_X86_KERNELS
-  constexpr tile_shape t512 = tile_for<T>(cpu_isa::avx512), t2 = tile_for<T>(cpu_isa::avx2);
+  constexpr tile_shape tall = tile_for<T>(cpu_isa::avx512, avx512_tile::tall);
+  constexpr tile_shape wide = tile_for<T>(cpu_isa::avx512, avx512_tile::wide);
+  constexpr tile_shape t2 = tile_for<T>(cpu_isa::avx2, avx512_tile::tall);
 #endif
   switch (isa) {
 #if DMOE_HAVE_X86_KERNELS
     case cpu_isa::avx512:
-      avx512_isa::panel_product<avx512_isa::vec<T>, t512.mr, t512.nv>(m, N, K, a, b, init, c, ldc);
+      if (active_avx512_tile() == avx512_tile::wide)
+        avx512_isa::panel_product<avx512_isa::vec<T>, wide.mr, wide.nv>(m, N, K, a, b, init, c, ldc);
+      else
+        avx512_isa::panel_product<avx512_isa::vec<T>, tall.mr, tall.nv>(m, N, K, a, b, init, c, ldc);
       return;
     case cpu_isa::avx2:
       avx2_isa::panel_product<avx2_isa::vec<T>, t2.mr, t2.nv>(m, N, K, a, b, init, c, ldc);
