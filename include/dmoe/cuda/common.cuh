@@ -66,6 +66,28 @@ __device__ __forceinline__ T from_float(float v) {
     return __float2bfloat16_rn(v);
 }
 
+/// Sum over the 32 lanes of a warp by an xor-shuffle tree: the order of the additions depends
+/// only on the lane, so the result is bitwise reproducible (the backward's reductions use it).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+/// Fails (invalid_argument) when the current device is not `dev`, the device a layer's weights
+/// live on: a launch there would read another device's pointers. One cudaGetDevice, no sync.
+inline status check_current_device(int dev, const char* who) noexcept {
+  int cur = -1;
+  const cudaError_t e = cudaGetDevice(&cur);
+  if (e != cudaSuccess) return cuda_failure(e, who);
+  if (cur != dev)
+    return status::failure(errc::invalid_argument,
+                           "%s: the current device is %d, the layer's weights are on device %d (cudaSetDevice(%d) "
+                           "first)",
+                           who, cur, dev, dev);
+  return {};
+}
+
 /// Host conversion of float weights to the storage type's bit pattern (cold path).
 template <class T>
 void convert_to_storage(const float* src, std::size_t count, T* dst) {

@@ -364,4 +364,155 @@ status run_experts(const T* x, index_t ldx, const layer_buffers& b, const expert
   return {};
 }
 
+// --- backward (the CPU side's expert_backward) ----------------------------------------------------
+// Plain fp32 SIMT kernels, written for correctness and bitwise reproducibility first (docs/cuda.md:
+// what the tensor-core version will change): every sum runs in a fixed order, sorted rows of an
+// expert in ascending row order (the CPU's order), no atomics. Each launch size comes from host
+// bounds (slot capacity, layer shape); work past the device's real row count exits.
+
+inline constexpr int backward_threads = 256;
+
+/// Per sorted row r (one block each): g = w_s dy_t, pre = b1_e + x_t W1_e (recomputed in fp32: the
+/// forward keeps only the activation), dpost = g W2_e^T, dpre = act'(pre) dpost (in place of pre),
+/// dx_slot = dpre W1_e^T. Rows past the plan, and every row of a batch beyond the slot bound, exit.
+template <class T, class Act>
+__global__ void __launch_bounds__(backward_threads)
+    expert_row_backward_kernel(layer_buffers b, backward_buffers w, const T* __restrict__ x, index_t ldx,
+                               const T* __restrict__ dy, index_t ldy, expert_params<T> p, int d, int n, int E) {
+  const int r = static_cast<int>(blockIdx.x);
+  if (*b.slot_overflow != 0 || r >= b.expert_offsets[E]) return;
+  const int e = expert_of_tile(b.expert_offsets, E, r);  // largest e with expert_offsets[e] <= r
+  const index_t tok = b.sorted_token[r];
+  const float ws = b.slot_weight[b.sort_vals_out[r]];
+  const int fn = width_factor<Act> * n;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warps = backward_threads / 32;
+  float* g = w.g + static_cast<index_t>(r) * d;
+  float* dpost = w.dpost + static_cast<index_t>(r) * n;
+  float* dpre = w.dpre + static_cast<index_t>(r) * fn;
+  float* dxs = w.dx_slot + static_cast<index_t>(r) * d;
+  const T* xt = x + tok * ldx;
+  const T* w1 = p.w1 + static_cast<index_t>(e) * d * fn;  // column j of W1_e contiguous (j d + i)
+  const T* w2 = p.w2 + static_cast<index_t>(e) * n * d;   // W2_e^T row-major (c n + j)
+  for (int c = tid; c < d; c += backward_threads) g[c] = ws * to_float(dy[tok * ldy + c]);
+  for (int j = tid / 32; j < fn; j += warps) {  // one warp per column, lanes over d (coalesced)
+    float acc = 0.f;
+    for (int i = lane; i < d; i += 32) acc = fmaf(to_float(xt[i]), to_float(w1[static_cast<index_t>(j) * d + i]), acc);
+    acc = warp_sum(acc);
+    if (lane == 0) dpre[j] = acc + (p.b1 ? to_float(p.b1[static_cast<index_t>(e) * fn + j]) : 0.f);
+  }
+  __syncthreads();
+  for (int j = tid; j < n; j += backward_threads) {
+    float acc = 0.f;
+    for (int c = 0; c < d; ++c) acc = fmaf(g[c], to_float(w2[static_cast<index_t>(c) * n + j]), acc);
+    dpost[j] = acc;
+  }
+  __syncthreads();
+  for (int j = tid; j < n; j += backward_threads) {
+    if constexpr (Act::gated) {
+      using B = typename Act::base;
+      const float pg = dpre[j], pu = dpre[n + j];
+      dpre[j] = dpost[j] * pu * B::template derivative<float>(pg);
+      dpre[n + j] = dpost[j] * B::template apply<float>(pg);
+    } else {
+      dpre[j] = dpost[j] * Act::template derivative<float>(dpre[j]);
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < d; i += backward_threads) {
+    float acc = 0.f;
+    for (int j = 0; j < fn; ++j) acc = fmaf(dpre[j], to_float(w1[static_cast<index_t>(j) * d + i]), acc);
+    dxs[i] = acc;
+  }
+}
+
+/// Rows of expert e in sorted order, [begin, end); empty for a batch beyond the slot bound.
+__device__ __forceinline__ void expert_rows(const layer_buffers& b, int e, int& begin, int& end) {
+  begin = b.expert_offsets[e];
+  end = *b.slot_overflow != 0 ? begin : b.expert_offsets[e + 1];
+}
+
+/// Expert weight and bias gradients, one thread per gradient element, each a sum over the
+/// expert's rows in ascending sorted order (the same order for every run: bitwise reproducible).
+/// dW2_e^T[c, j] = sum_r post_r[j] g_r[c]; db2e[c] = sum_r g_r[c]; dW1_e^T[j, i] = sum_r dpre_r[j]
+/// x_r[i]; db1[j] = sum_r dpre_r[j]. Grid-stride over the E x (shape) elements.
+template <class T>
+__global__ void expert_weight_grad_kernel(layer_buffers b, backward_buffers w, const T* __restrict__ x, index_t ldx,
+                                          int d, int n, int fn, int E, float* __restrict__ gw1, float* __restrict__ gb1,
+                                          float* __restrict__ gw2, float* __restrict__ gb2e) {
+  const index_t per_w2 = static_cast<index_t>(d) * n, per_w1 = static_cast<index_t>(fn) * d;
+  const index_t n_w2 = E * per_w2, n_w1 = E * per_w1;
+  const index_t n_b2 = gb2e ? static_cast<index_t>(E) * d : 0, n_b1 = gb1 ? static_cast<index_t>(E) * fn : 0;
+  const index_t total = n_w2 + n_w1 + n_b2 + n_b1;
+  const T* post_all = reinterpret_cast<const T*>(b.hidden);
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+    int r0, r1;
+    float acc = 0.f;
+    if (idx < n_w2) {  // (e, c, j), j fastest: post rows coalesced, g broadcast
+      const int e = static_cast<int>(idx / per_w2);
+      const index_t k = idx % per_w2;
+      const int c = static_cast<int>(k / n), j = static_cast<int>(k % n);
+      expert_rows(b, e, r0, r1);
+      for (int r = r0; r < r1; ++r)
+        acc = fmaf(to_float(post_all[static_cast<index_t>(r) * n + j]), w.g[static_cast<index_t>(r) * d + c], acc);
+      gw2[idx] = acc;
+    } else if (idx < n_w2 + n_w1) {  // (e, j, i), i fastest: x rows coalesced
+      const index_t q = idx - n_w2;
+      const int e = static_cast<int>(q / per_w1);
+      const index_t k = q % per_w1;
+      const int j = static_cast<int>(k / d), i = static_cast<int>(k % d);
+      expert_rows(b, e, r0, r1);
+      for (int r = r0; r < r1; ++r)
+        acc = fmaf(w.dpre[static_cast<index_t>(r) * fn + j], to_float(x[b.sorted_token[r] * ldx + i]), acc);
+      gw1[q] = acc;
+    } else if (idx < n_w2 + n_w1 + n_b2) {
+      const index_t q = idx - n_w2 - n_w1;
+      const int e = static_cast<int>(q / d), c = static_cast<int>(q % d);
+      expert_rows(b, e, r0, r1);
+      for (int r = r0; r < r1; ++r) acc += w.g[static_cast<index_t>(r) * d + c];
+      gb2e[q] = acc;
+    } else {
+      const index_t q = idx - n_w2 - n_w1 - n_b2;
+      const int e = static_cast<int>(q / fn), j = static_cast<int>(q % fn);
+      expert_rows(b, e, r0, r1);
+      for (int r = r0; r < r1; ++r) acc += w.dpre[static_cast<index_t>(r) * fn + j];
+      gb1[q] = acc;
+    }
+  }
+}
+
+/// Grid of a grid-stride loop over `items` (capped: the loop covers the rest).
+inline unsigned stride_grid(index_t items, int threads) noexcept {
+  const index_t b = blocks_for(items, threads);
+  return static_cast<unsigned>(b < 65535 * 16 ? b : 65535 * 16);
+}
+
+/// Fp32 gradients of the expert parameters, device pointers; null where the layer has no such bias.
+struct expert_grads {
+  float* w1 = nullptr;
+  float* b1 = nullptr;
+  float* w2 = nullptr;
+  float* b2e = nullptr;
+};
+
+/// Enqueues the expert backward: per-row products, then the weight gradients (which read them).
+template <class T, class Act>
+status expert_backward(const T* x, index_t ldx, const T* dy, index_t ldy, const layer_buffers& b,
+                       const backward_buffers& w, const expert_params<T>& p, const expert_grads& gr, index_t d,
+                       index_t n, int E, cudaStream_t stream) noexcept {
+  const index_t fn = width_factor<Act> * n;
+  if (b.slot_capacity > 0) {
+    expert_row_backward_kernel<T, Act><<<static_cast<unsigned>(b.slot_capacity), backward_threads, 0, stream>>>(
+        b, w, x, ldx, dy, ldy, p, static_cast<int>(d), static_cast<int>(n), E);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return cuda_failure(err, "expert_row_backward_kernel launch");
+  }
+  const index_t total = E * (d * n + fn * d + (gr.b2e ? d : 0) + (gr.b1 ? fn : 0));
+  expert_weight_grad_kernel<T><<<stride_grid(total, backward_threads), backward_threads, 0, stream>>>(
+      b, w, x, ldx, static_cast<int>(d), static_cast<int>(n), static_cast<int>(fn), E, gr.w1, gr.b1, gr.w2, gr.b2e);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return cuda_failure(err, "expert_weight_grad_kernel launch");
+  return {};
+}
+
 }  DMOE_NAMESPACE_END  // namespace dmoe::detail::cuda_backend

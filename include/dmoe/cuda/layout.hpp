@@ -217,6 +217,57 @@ inline layer_buffers carve_layer(detail::carver& c, const layer_dims& dm, index_
   return b;
 }
 
+/// Scratch of one backward (a second workspace, so that a forward-only caller does not pay for
+/// it), fp32 throughout. Rows follow the forward's sorted rows, so the capacity is the forward's
+/// slot_capacity (the slot bound), never tokens * E.
+struct backward_buffers {
+  index_t tokens = 0;
+  index_t slot_capacity = 0;
+  float* dweight = nullptr;    ///< (items) dL/dw_s per strided slot (0 for unused slots)
+  float* g = nullptr;          ///< (slot_capacity, d) w_s dy_t per sorted row
+  float* dpost = nullptr;      ///< (slot_capacity, n) dL/d act per sorted row
+  float* dpre = nullptr;       ///< (slot_capacity, f n) pre-activation, then dL/d pre in place
+  float* dx_slot = nullptr;    ///< (slot_capacity, d) dL/dx through each sorted row's expert
+  float* dx_router = nullptr;  ///< (tokens, d) the router's part of dL/dx
+  float* dscores = nullptr;    ///< (tokens, E) dL/dz (top_k), dL/dcos (top_any)
+  float* da = nullptr;         ///< (tokens, E) top_any: dL/da of fired slots (threshold gradient)
+  float* token_aux = nullptr;  ///< (tokens) logsumexp z (top_k), max(|x_t|, eps) (top_any)
+  float* token_sum = nullptr;  ///< (tokens) top_any: sum_e dcos_te cos_te
+  std::int32_t* fired = nullptr;         ///< (tokens) top_any: K_t, slots fired
+  std::int32_t* expert_count = nullptr;  ///< (E + 1) top_k: slots per expert; last entry top_any fired tokens
+  float* expert_tmp = nullptr;           ///< (4 E) lb gradient (top_k); me, ce, sw (top_any)
+  float* gram = nullptr;                 ///< (E, E) top_any: W^T W (diversity loss), else empty
+  float* scalar = nullptr;               ///< (1) top_any: the diversity loss
+};
+
+/// The backward scratch for `tokens` tokens whose forward held `slots` activation rows (the
+/// forward's slot_capacity). `gram`: top_any (the E x E diversity product). Same carver rules
+/// as carve_layer: checked products, one routine for size and pointers.
+inline backward_buffers carve_backward(detail::carver& c, const layer_dims& dm, index_t tokens, index_t slots,
+                                       bool gram) noexcept {
+  backward_buffers b;
+  const index_t items = c.mul(tokens, dm.max_k);
+  b.tokens = tokens;
+  b.slot_capacity = slots < 0 || slots > items ? items : slots;
+  const index_t cap = b.slot_capacity;
+  b.dweight = c.take<float>(items);
+  b.g = c.take<float>(c.mul(cap, dm.d));
+  b.dpost = c.take<float>(c.mul(cap, dm.n));
+  b.dpre = c.take<float>(c.mul(cap, dm.f, dm.n));
+  b.dx_slot = c.take<float>(c.mul(cap, dm.d));
+  b.dx_router = c.take<float>(c.mul(tokens, dm.d));
+  b.dscores = c.take<float>(c.mul(tokens, dm.E));
+  b.da = c.take<float>(c.mul(tokens, dm.E));
+  b.token_aux = c.take<float>(tokens);
+  b.token_sum = c.take<float>(tokens);
+  b.fired = c.take<std::int32_t>(tokens);
+  b.expert_count = c.take<std::int32_t>(c.add(dm.E, 1));
+  b.expert_tmp = c.take<float>(c.mul(dm.E, 4));
+  b.gram = c.take<float>(gram ? c.mul(dm.E, dm.E) : 0);
+  b.scalar = c.take<float>(1);
+  return b;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 16-bit conversions on the host (weights are converted once, at upload). Round to nearest even,
 // NaN stays NaN (quiet), overflow goes to infinity, fp16 subnormals are produced exactly.

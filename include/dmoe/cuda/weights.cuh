@@ -52,6 +52,7 @@ struct device_weights {
   device_array<std::uint8_t> active;
   index_t num_active = 0;
   index_t router_hidden = 0;
+  int device = 0;  ///< the device the arrays live on (current at allocate)
 
   /// Zero weights of configuration c (cudaMalloc does not clear); top-any: all slots active, unit
   /// norm floor. Sizes in checked arithmetic (layer_spec::checked_config bounded E d f n already;
@@ -62,6 +63,7 @@ struct device_weights {
     };
     const index_t d = c.d_model, E = c.num_experts, n = c.expert_width, fn = width_factor<Activation> * n;
     router_hidden = std::is_same_v<Policy, dynamic_k> ? c.router_hidden : 0;
+    throw_on_cuda(cudaGetDevice(&device), "moe_layer<cuda>: cudaGetDevice");
     w1 = device_array<T>(sz("moe_layer<cuda>: w1", E, d, fn));
     b1 = device_array<T>(c.hidden_bias ? sz("moe_layer<cuda>: b1", E, fn) : 0);
     w2 = device_array<T>(sz("moe_layer<cuda>: w2", E, n, d));

@@ -186,6 +186,56 @@ TEST_SUITE("cuda_host") {
     }
   }
 
+  TEST_CASE("backward scratch layout: aligned, disjoint, rows bounded by the forward's slot capacity") {
+    dmoe_testing::splitmix g(9, 3, 1);
+    for (int trial = 0; trial < 200; ++trial) {
+      cd::layer_dims dm;
+      dm.d = g.integer(1, 300);
+      dm.E = g.integer(1, 64);
+      dm.n = g.integer(1, 200);
+      dm.f = g.integer(1, 2);
+      dm.max_k = g.integer(1, int(dm.E));
+      const index_t tokens = g.integer(0, 500), items = tokens * dm.max_k;
+      const index_t slots = g.coin() ? -1 : g.integer(0, int(items));
+      const bool gram = g.coin();
+      dmoe::detail::carver measure;
+      cd::carve_backward(measure, dm, tokens, slots, gram);
+      std::vector<unsigned char> mem(measure.bytes() + 1);
+      void* base = dmoe::detail::carver::align(mem.data() + 1);
+      dmoe::detail::carver c(base);
+      const cd::backward_buffers b = cd::carve_backward(c, dm, tokens, slots, gram);
+      const index_t cap = slots < 0 ? items : slots;
+      CHECK(b.slot_capacity == cap);
+      CHECK(b.tokens == tokens);
+      struct span { const void* p; std::size_t n; };
+      const auto f4 = [](index_t k) { return 4 * std::size_t(k); };
+      const std::vector<span> spans = {{b.dweight, f4(items)},           {b.g, f4(cap * dm.d)},
+                                       {b.dpost, f4(cap * dm.n)},        {b.dpre, f4(cap * dm.f * dm.n)},
+                                       {b.dx_slot, f4(cap * dm.d)},      {b.dx_router, f4(tokens * dm.d)},
+                                       {b.dscores, f4(tokens * dm.E)},   {b.da, f4(tokens * dm.E)},
+                                       {b.token_aux, f4(tokens)},        {b.token_sum, f4(tokens)},
+                                       {b.fired, f4(tokens)},            {b.expert_count, f4(dm.E + 1)},
+                                       {b.expert_tmp, f4(4 * dm.E)},     {b.gram, f4(gram ? dm.E * dm.E : 0)},
+                                       {b.scalar, 4}};
+      const auto* lo = mem.data();
+      const auto* hi = mem.data() + mem.size();
+      for (std::size_t i = 0; i < spans.size(); ++i) {
+        const auto* p = static_cast<const unsigned char*>(spans[i].p);
+        CHECK(reinterpret_cast<std::uintptr_t>(p) % dmoe::detail::workspace_alignment == 0);
+        CHECK(p >= lo);
+        CHECK(p + spans[i].n <= hi);
+        if (i + 1 < spans.size()) CHECK(p + spans[i].n <= static_cast<const unsigned char*>(spans[i + 1].p));
+      }
+      // The per-row buffers scale with the slot capacity, not with tokens * max_k: a bound of
+      // `cap` rows costs (2 d + n + f n) floats per row and no more.
+      dmoe::detail::carver none;
+      cd::carve_backward(none, dm, tokens, 0, gram);
+      const std::size_t per_row = 4 * std::size_t(2 * dm.d + dm.n + dm.f * dm.n);
+      CHECK(measure.bytes() <= none.bytes() + per_row * std::size_t(cap) + 4 * dmoe::detail::workspace_alignment);
+      CHECK(measure.bytes() + 4 * dmoe::detail::workspace_alignment >= none.bytes() + per_row * std::size_t(cap));
+    }
+  }
+
   TEST_CASE("float -> bf16 / fp16 conversions round to nearest even") {
     std::vector<float> vals = {0.0f, -0.0f, 1.0f, -1.0f, 1.5f, 3.14159265f, 65504.0f, 65519.996f, 65520.0f, 1e6f,
                                -1e6f, 6.0e-8f, 5.9604645e-8f, 2.9802322e-8f, 2.98023259e-8f, 1e-8f, 6.1035156e-5f,

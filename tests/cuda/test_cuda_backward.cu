@@ -1,0 +1,253 @@
+// SPDX-License-Identifier: MIT
+// SPDX-FileCopyrightText: dmoe authors
+// The CUDA backward against the CPU backward (itself checked by finite differences in
+// tests/unit/backward): every policy, relu / gelu_tanh / swiglu, fp32 / fp16 / bf16, with the
+// auxiliary-loss weights on. The CPU runs on the same rounded inputs and weights; a case whose
+// GPU plan differs from the CPU's in any token fails (the random weights keep scores far from
+// ties at these sizes), so a gradient is never compared under another plan. Tolerance, normwise
+// per tensor (||g_cuda - g_cpu||_inf <= tol (||g_cpu||_inf + 1e-6)): the backward is fp32 SIMT,
+// but it reads the forward's activations and expert outputs in T (fp16 11 bits, bf16 8 bits) and
+// fp32 storage's forward products are TF32: 1e-2, bf16 4e-2 (the forward's tolerances).
+// Also: two backwards give bitwise equal gradients, and a captured graph of forward + backward
+// replays to the same bits. Each device test prints DMOE_SKIP without a device.
+#include "cuda_test_support.cuh"
+
+namespace {
+
+using dmoe::aux_losses;
+
+template <class P>
+aux_losses aux_weights() {
+  aux_losses a;
+  if constexpr (std::is_same_v<P, dmoe::top_k>) {
+    a.load_balance = 0.3;
+    a.z_loss = 0.05;
+  } else if constexpr (std::is_same_v<P, dmoe::top_any>) {
+    a.balance = 0.2;
+    a.efficiency = 0.1;
+    a.diversity = 0.05;
+    a.simplicity = 0.02;
+  }
+  return a;
+}
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::fmax(m, std::fabs(double(x)));
+  return m;
+}
+
+/// ||a - b||_inf / (||b||_inf + 1e-6); infinity when a has a non-finite value.
+double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double e = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    e = std::fmax(e, std::fabs(double(a[i]) - double(b[i])));
+  }
+  return e / (max_abs(b) + 1e-6);
+}
+
+template <class R>
+std::vector<std::vector<float>> router_tensors(const R& r) {
+  std::vector<std::vector<float>> v;
+  if constexpr (std::is_same_v<R, dmoe::top_k_router<float>>) {
+    v.emplace_back(r.weight().data(), r.weight().data() + r.weight().size());
+    v.emplace_back(r.bias().data(), r.bias().data() + r.bias().size());
+  } else if constexpr (std::is_same_v<R, dmoe::top_any_router<float>>) {
+    v.emplace_back(r.weight().data(), r.weight().data() + r.weight().size());
+    v.emplace_back(r.threshold().data(), r.threshold().data() + r.threshold().size());
+  } else {
+    v.emplace_back(r.w_in().data(), r.w_in().data() + r.w_in().size());
+    v.emplace_back(r.w_out().data(), r.w_out().data() + r.w_out().size());
+  }
+  return v;
+}
+
+template <class G>
+std::vector<std::vector<float>> all_tensors(const G& g) {
+  std::vector<std::vector<float>> v{g.experts.w1_storage(), g.experts.b1_storage(), g.experts.w2_storage(),
+                                    g.experts.expert_bias_storage(), g.experts.output_bias_storage()};
+  for (auto& r : router_tensors(g.router)) v.push_back(std::move(r));
+  return v;
+}
+
+template <class T, class P, class A>
+void check_backward_case(const shape& s, const typename P::options& opt, std::uint64_t seed) {
+  twin<T, P, A> tw(s, opt, seed);
+  const index_t tokens = s.tokens, d = s.d;
+  const std::string what = std::string(type_name<T>()) + " " + A::name + " seed " + std::to_string(seed) + " d=" +
+                           std::to_string(s.d) + " E=" + std::to_string(s.E) + " n=" + std::to_string(s.n) +
+                           " tokens=" + std::to_string(tokens);
+  INFO(what);
+  splitmix g(seed, 5, 11);
+  std::vector<float> dy(static_cast<std::size_t>(tokens * d));
+  for (auto& v : dy) v = round_to<T>(float(g.uniform(-1.0, 1.0)));
+  const aux_losses aux = aux_weights<P>();
+
+  // CPU reference
+  dmoe::row_matrix<float> x(tokens, d), y(tokens, d), dyc(tokens, d), dxc(tokens, d);
+  for (index_t i = 0; i < tokens * d; ++i) {
+    x.data()[i] = tw.x[static_cast<std::size_t>(i)];
+    dyc.data()[i] = dy[static_cast<std::size_t>(i)];
+  }
+  dmoe::workspace_buffer cws(tw.cpu.workspace_size(dmoe::workspace_bounds{tokens, 1}));
+  const dmoe::context<dmoe::cpu> cctx{};
+  REQUIRE(tw.cpu.forward(cctx, x, y, cws).ok());
+  auto cg = tw.cpu.make_gradients();
+  const dmoe::status cs = tw.cpu.backward(cctx, x, dyc, dxc, cg, cws, &aux);
+  REQUIRE_MESSAGE(cs.ok(), cs.message());
+  const auto cplan = tw.cpu.plan(cws, tokens);
+
+  // device
+  typename twin<T, P, A>::cuda_layer gpu(tw.cpu);
+  const dmoe::workspace_bounds bounds{tokens, 1};
+  dmoe::device_array<unsigned char> ws(gpu.workspace_size(bounds)), bws(gpu.backward_workspace_size(bounds));
+  // poisoned: every buffer the backward reads must have been written by this forward / backward
+  REQUIRE(cudaMemset(ws.data(), 0xff, ws.size()) == cudaSuccess);
+  REQUIRE(cudaMemset(bws.data(), 0xff, bws.size()) == cudaSuccess);
+  dmoe::device_array<T> xd(tw.x.size()), yd(tw.x.size()), dyd(dy.size()), dxd(dy.size());
+  xd.upload(to_storage<T>(tw.x));
+  dyd.upload(to_storage<T>(dy));
+  auto gg = gpu.make_gradients();
+  cudaStream_t stream = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess);
+  const dmoe::context<dmoe::cuda> ctx{stream};
+  const auto run = [&] {
+    REQUIRE(gpu.forward(ctx, dmoe::matrix_view<const T>(xd.data(), tokens, d), dmoe::matrix_view<T>(yd.data(), tokens, d),
+                        {ws.data(), ws.size()})
+                .ok());
+    const dmoe::status s = gpu.backward(ctx, dmoe::matrix_view<const T>(xd.data(), tokens, d),
+                                        dmoe::matrix_view<const T>(dyd.data(), tokens, d),
+                                        dmoe::matrix_view<T>(dxd.data(), tokens, d), gg, {ws.data(), ws.size()},
+                                        {bws.data(), bws.size()}, &aux);
+    REQUIRE_MESSAGE(s.ok(), s.message());
+    REQUIRE(gpu.check_numerics(ctx, {ws.data(), ws.size()}, tokens).ok());
+  };
+  const auto fetch = [&] {
+    auto hg = tw.cpu.make_gradients();
+    gg.download_to(ctx, hg);
+    std::vector<T> dxh(dy.size());
+    REQUIRE(cudaMemcpy(dxh.data(), dxd.data(), dxh.size() * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
+    auto t = all_tensors(hg);
+    t.push_back(from_storage(dxh));
+    return t;
+  };
+  run();
+  const auto first = fetch();
+
+  // the plan, token by token
+  const dmoe::routing_plan<float> gp = gpu.plan({ws.data(), ws.size()}, tokens);
+  std::vector<index_t> off(static_cast<std::size_t>(tokens + 1));
+  REQUIRE(cudaMemcpy(off.data(), gp.token_offsets, off.size() * sizeof(index_t), cudaMemcpyDeviceToHost) == cudaSuccess);
+  std::vector<std::int32_t> ex(static_cast<std::size_t>(off.back()));
+  if (!ex.empty())
+    REQUIRE(cudaMemcpy(ex.data(), gp.expert, ex.size() * sizeof(std::int32_t), cudaMemcpyDeviceToHost) == cudaSuccess);
+  for (index_t t = 0; t < tokens; ++t) {
+    INFO("token " << t);
+    REQUIRE(cplan.k(t) == off[std::size_t(t) + 1] - off[std::size_t(t)]);
+    for (index_t i = 0; i < cplan.k(t); ++i)
+      REQUIRE(cplan.expert[cplan.token_offsets[t] + i] == ex[std::size_t(off[std::size_t(t)] + i)]);
+  }
+
+  auto ref = all_tensors(cg);
+  ref.emplace_back(dxc.data(), dxc.data() + tokens * d);
+  const char* names[] = {"dW1", "db1", "dW2", "db2e", "db2", "drouter_w", "drouter_b/w2", "dx"};
+  REQUIRE(first.size() == ref.size());
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    INFO(names[i]);
+    CHECK(rel_diff(first[i], ref[i]) <= tolerance<T>());
+  }
+
+  // bitwise reproducible
+  run();
+  CHECK(fetch() == first);
+
+  // forward + backward captured in a graph replay to the same bits
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  REQUIRE(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess);
+  REQUIRE(gpu.forward(ctx, dmoe::matrix_view<const T>(xd.data(), tokens, d), dmoe::matrix_view<T>(yd.data(), tokens, d),
+                      {ws.data(), ws.size()})
+              .ok());
+  REQUIRE(gpu.backward(ctx, dmoe::matrix_view<const T>(xd.data(), tokens, d),
+                       dmoe::matrix_view<const T>(dyd.data(), tokens, d), dmoe::matrix_view<T>(dxd.data(), tokens, d),
+                       gg, {ws.data(), ws.size()}, {bws.data(), bws.size()}, &aux)
+              .ok());
+  REQUIRE(cudaStreamEndCapture(stream, &graph) == cudaSuccess);
+  REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
+  REQUIRE(cudaMemsetAsync(dxd.data(), 0xff, dxd.size() * sizeof(T), stream) == cudaSuccess);
+  REQUIRE(cudaGraphLaunch(exec, stream) == cudaSuccess);
+  CHECK(fetch() == first);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+template <class T, class P, class A>
+void backward_sweep(std::uint64_t seed0, int cases) {
+  for (int i = 0; i < cases; ++i) {
+    const std::uint64_t seed = seed0 * 1000 + std::uint64_t(i);
+    splitmix g(seed, 31, 7);
+    shape s;
+    s.d = g.coin() ? 8 * g.integer(1, 12) : g.integer(1, 70);
+    s.E = g.integer(1, 10);
+    s.n = g.coin() ? 8 * g.integer(1, 10) : g.integer(1, 60);
+    s.tokens = i % 3 == 2 ? g.integer(600, 1200) : g.integer(1, 64);
+    s.h = g.integer(1, 24);
+    s.hidden_bias = g.coin();
+    s.expert_bias = g.coin();
+    s.output_bias = g.coin();
+    check_backward_case<T, P, A>(s, random_options<P>(g, s.E), seed);
+  }
+}
+
+template <class P>
+void backward_policy_sweep(std::uint64_t seed) {
+  backward_sweep<float, P, dmoe::relu>(seed + 1, 3);
+  backward_sweep<__half, P, dmoe::gelu_tanh>(seed + 2, 3);
+  backward_sweep<__nv_bfloat16, P, dmoe::swiglu>(seed + 3, 3);
+  backward_sweep<float, P, dmoe::swiglu>(seed + 4, 3);
+}
+
+}  // namespace
+
+TEST_SUITE("cuda") {
+  TEST_CASE("top_k backward matches the CPU backward with aux losses and is bitwise reproducible") {
+    if (skip_without_device()) return;
+    backward_policy_sweep<dmoe::top_k>(500);
+  }
+  TEST_CASE("dynamic_k backward matches the CPU backward and is bitwise reproducible") {
+    if (skip_without_device()) return;
+    backward_policy_sweep<dmoe::dynamic_k>(600);
+  }
+  TEST_CASE("top_any backward matches the CPU backward with aux losses and is bitwise reproducible") {
+    if (skip_without_device()) return;
+    backward_policy_sweep<dmoe::top_any>(700);
+  }
+  TEST_CASE("backward refuses a scratch workspace too small and gradients of another shape") {
+    if (skip_without_device()) return;
+    shape s;
+    twin<float, dmoe::top_k, dmoe::relu> tw(s, dmoe::top_k_options{2, true}, 3);
+    dmoe::moe_layer<float, dmoe::cuda, dmoe::top_k, dmoe::relu> gpu(tw.cpu);
+    const dmoe::workspace_bounds bounds{s.tokens, 1};
+    dmoe::device_array<unsigned char> ws(gpu.workspace_size(bounds)), bws(gpu.backward_workspace_size(bounds));
+    dmoe::device_array<float> xd(tw.x.size()), yd(tw.x.size()), dxd(tw.x.size());
+    xd.upload(tw.x);
+    auto gg = gpu.make_gradients();
+    const dmoe::context<dmoe::cuda> ctx{};
+    const dmoe::matrix_view<const float> xv(xd.data(), s.tokens, s.d);
+    REQUIRE(gpu.forward(ctx, xv, dmoe::matrix_view<float>(yd.data(), s.tokens, s.d), {ws.data(), ws.size()}).ok());
+    const dmoe::status small = gpu.backward(ctx, xv, xv, dmoe::matrix_view<float>(dxd.data(), s.tokens, s.d), gg,
+                                            {ws.data(), ws.size()}, {bws.data(), bws.size() - 1});
+    CHECK(small.code() == dmoe::errc::workspace_too_small);
+    shape s2 = s;
+    s2.n = s.n + 1;
+    twin<float, dmoe::top_k, dmoe::relu> other(s2, dmoe::top_k_options{2, true}, 4);
+    dmoe::moe_layer<float, dmoe::cuda, dmoe::top_k, dmoe::relu> gpu2(other.cpu);
+    auto wrong = gpu2.make_gradients();
+    const dmoe::status shape_err = gpu.backward(ctx, xv, xv, dmoe::matrix_view<float>(dxd.data(), s.tokens, s.d), wrong,
+                                                {ws.data(), ws.size()}, {bws.data(), bws.size()});
+    CHECK(shape_err.code() == dmoe::errc::invalid_argument);
+  }
+}
