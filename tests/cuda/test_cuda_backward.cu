@@ -225,6 +225,25 @@ TEST_SUITE("cuda") {
     if (skip_without_device()) return;
     backward_policy_sweep<dmoe::top_any>(700);
   }
+  TEST_CASE("fp16 activations above 65504 saturate instead of becoming inf") {
+    if (skip_without_device()) return;
+    // 16 inputs of 8000 through unit W1: each hidden unit is 128000, beyond fp16's 65504. Saturated,
+    // out = 16 x 65504 / 1024 = 1023.5 exactly (W2 = 1/1024, fp32 accumulation), weight 1 (top-1,
+    // renormalised); unsaturated it would be inf.
+    const index_t d = 16, tokens = 3;
+    dmoe::moe_config c{d, 2, 16};
+    c.hidden_bias = c.expert_bias = c.output_bias = false;
+    dmoe::moe_layer<float, dmoe::cpu, dmoe::top_k, dmoe::relu> cpu(c, dmoe::top_k_options{1, true});
+    for (auto& w : cpu.experts().w1_storage()) w = 1.f;
+    for (auto& w : cpu.experts().w2_storage()) w = 1.f / 1024.f;
+    cpu.router().weight().setZero();
+    cpu.router().bias()(0) = 1.f;
+    cpu.router().bias()(1) = 0.f;
+    dmoe::moe_layer<__half, dmoe::cuda, dmoe::top_k, dmoe::relu> gpu(cpu);
+    const std::vector<float> x(static_cast<std::size_t>(tokens * d), 8000.f);
+    const host_result r = run_cuda(gpu, x, tokens);
+    for (float v : r.y) CHECK(v == 1023.5f);
+  }
   TEST_CASE("backward refuses a scratch workspace too small and gradients of another shape") {
     if (skip_without_device()) return;
     shape s;

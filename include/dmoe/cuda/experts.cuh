@@ -79,12 +79,14 @@ struct gemm_smem {
 // cp.async (sm_80+): 16 bytes global -> shared, bypassing registers; src_bytes = 0 zero-fills.
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
   const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0));
+  // "memory": the compiler must not move ordinary shared / global accesses across the copy.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0)
+               : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int Pending>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
 }
 
 enum class gemm_stage : int { first = 1, second = 2 };
@@ -140,11 +142,12 @@ __global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T>
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32;
   const int wm = warp / 2, wn = warp % 2;
   const int ntn = (g.N + gemm_bn - 1) / gemm_bn;
-  const int total = g.tile_offsets[g.E] * ntn;
+  // 64-bit tile counters: M-tiles x N-tiles may pass 2^31 at large token counts and widths.
+  const index_t total = static_cast<index_t>(g.tile_offsets[g.E]) * ntn;
   const T zero = from_float<T>(0.f);
 
-  for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
-    const int mt = tile / ntn, nt = tile % ntn;
+  for (index_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const int mt = static_cast<int>(tile / ntn), nt = static_cast<int>(tile % ntn);
     const int e = expert_of_tile(g.tile_offsets, g.E, mt);
     const int row0 = g.expert_offsets[e] + (mt - g.tile_offsets[e]) * gemm_bm;
     const int row_end = g.expert_offsets[e + 1];
@@ -300,7 +303,7 @@ __global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T>
       } else if constexpr (Stage == gemm_stage::first) {
         v = Act::template apply<float>(v);
       }
-      g.out[static_cast<index_t>(row) * g.N + col] = from_float<T>(v);
+      g.out[static_cast<index_t>(row) * g.N + col] = from_float_saturating<T>(v);  // fp16: no inf (common.cuh)
     }
     __syncthreads();  // Cs aliases the next tile's A/B tiles and row_src is rewritten
   }
