@@ -332,7 +332,7 @@ template <class T, class Act>
 status run_experts(const T* x, index_t ldx, const layer_buffers& b, const expert_params<T>& w, index_t d, index_t n,
                    int E, int sm_count, cudaStream_t stream) noexcept {
   const index_t fn = width_factor<Act> * n;
-  const index_t m_tiles = max_m_tiles(b.items, E);
+  const index_t m_tiles = max_m_tiles(b.slot_capacity, E);  // rows never exceed the slot bound
   gemm_args<T> g1;
   g1.a = x;
   g1.lda = ldx;

@@ -152,19 +152,19 @@ struct layer_buffers {
   float* slot_weight = nullptr;               ///< (items) strided combine weights
   // public plan (compressed rows, the CPU backend's layout)
   index_t* token_offsets = nullptr;  ///< (tokens + 1)
-  std::int32_t* plan_expert = nullptr;  ///< (items)
-  float* plan_weight = nullptr;         ///< (items)
-  // dispatch
-  std::int32_t* sort_keys = nullptr;       ///< (items) expert id, or E for an unused slot
-  std::int32_t* sort_keys_out = nullptr;   ///< (items)
-  std::int32_t* sort_vals = nullptr;       ///< (items) strided slot index t max_k + i
-  std::int32_t* sort_vals_out = nullptr;   ///< (items) strided slot of each sorted row
-  std::int32_t* sorted_token = nullptr;    ///< (items) token of each sorted row
+  std::int32_t* plan_expert = nullptr;  ///< (slot_capacity)
+  float* plan_weight = nullptr;         ///< (slot_capacity)
+  // dispatch: the sort runs over slot_capacity entries (the slot bound), never tokens * E
+  std::int32_t* sort_keys = nullptr;       ///< (slot_capacity) expert id, or E past the plan
+  std::int32_t* sort_keys_out = nullptr;   ///< (slot_capacity)
+  std::int32_t* sort_vals = nullptr;       ///< (slot_capacity) strided slot index t max_k + i
+  std::int32_t* sort_vals_out = nullptr;   ///< (slot_capacity) strided slot of each sorted row
+  std::int32_t* sorted_token = nullptr;    ///< (slot_capacity) token of each sorted row
   std::int32_t* slot_row = nullptr;        ///< (items) sorted row of each strided slot
   std::int32_t* expert_offsets = nullptr;  ///< (E + 1) first sorted row of each expert
   std::int32_t* tile_offsets = nullptr;    ///< (E + 1) first M-tile of each expert
   std::int32_t* k_histogram = nullptr;     ///< (E + 1) statistics: tokens that ran k experts
-  // experts (last in the layout, so that every other offset is independent of slot_capacity)
+  // experts
   std::byte* hidden = nullptr;  ///< (slot_capacity, n) T: act(x W1 + b1) per sorted row
   std::byte* out = nullptr;     ///< (slot_capacity, d) T: expert output per sorted row (b2_e included)
   // CUB temporaries
@@ -176,9 +176,11 @@ struct layer_buffers {
 
 /// The one layout routine: with a measuring carver it gives the size, with a real base the
 /// pointers (so workspace_size and forward cannot disagree). CUB's temporary sizes come from the
-/// caller (they are asked of CUB on the host for exactly these item counts). `slots` bounds the
-/// rows of the expert activations (the bulk of the memory: n + d values per slot); negative
-/// means all tokens * max_k. Index buffers keep the strided tokens * max_k layout.
+/// caller (asked of CUB on the host for a sort of exactly `slots` entries). `slots` bounds the
+/// activation rows (n + d values of T each), the plan, and the sort and its index buffers
+/// (negative: all tokens * max_k); only the strided selection (slot_expert, slot_weight,
+/// slot_row: 12 bytes per token and possible slot) keeps tokens * max_k entries. Offsets of the
+/// error words, scores, counts and strided selection do not depend on `slots`.
 inline layer_buffers carve_layer(detail::carver& c, const layer_dims& dm, index_t tokens, std::size_t sort_temp_bytes,
                                  std::size_t scan_temp_bytes, index_t slots = -1) noexcept {
   layer_buffers b;
@@ -195,25 +197,26 @@ inline layer_buffers carve_layer(detail::carver& c, const layer_dims& dm, index_
   b.counts = c.take<std::int32_t>(tokens1);
   b.slot_expert = c.take<std::int32_t>(items);
   b.slot_weight = c.take<float>(items);
-  b.token_offsets = c.take<index_t>(tokens1);
-  b.plan_expert = c.take<std::int32_t>(items);
-  b.plan_weight = c.take<float>(items);
-  b.sort_keys = c.take<std::int32_t>(items);
-  b.sort_keys_out = c.take<std::int32_t>(items);
-  b.sort_vals = c.take<std::int32_t>(items);
-  b.sort_vals_out = c.take<std::int32_t>(items);
-  b.sorted_token = c.take<std::int32_t>(items);
   b.slot_row = c.take<std::int32_t>(items);
+  b.token_offsets = c.take<index_t>(tokens1);
   b.expert_offsets = c.take<std::int32_t>(dm.E + 1);
   b.tile_offsets = c.take<std::int32_t>(dm.E + 1);
   b.k_histogram = c.take<std::int32_t>(dm.E + 1);
+  b.slot_capacity = slots < 0 || slots > items ? items : slots;
+  const index_t cap = b.slot_capacity;
+  b.plan_expert = c.take<std::int32_t>(cap);
+  b.plan_weight = c.take<float>(cap);
+  b.sort_keys = c.take<std::int32_t>(cap);
+  b.sort_keys_out = c.take<std::int32_t>(cap);
+  b.sort_vals = c.take<std::int32_t>(cap);
+  b.sort_vals_out = c.take<std::int32_t>(cap);
+  b.sorted_token = c.take<std::int32_t>(cap);
   b.sort_temp_bytes = sort_temp_bytes;
   b.sort_temp = c.take<std::byte>(static_cast<index_t>(sort_temp_bytes));
   b.scan_temp_bytes = scan_temp_bytes;
   b.scan_temp = c.take<std::byte>(static_cast<index_t>(scan_temp_bytes));
-  b.slot_capacity = slots < 0 || slots > items ? items : slots;
-  b.hidden = c.take<std::byte>(c.mul(b.slot_capacity, dm.n, dm.storage_bytes));
-  b.out = c.take<std::byte>(c.mul(b.slot_capacity, dm.d, dm.storage_bytes));
+  b.hidden = c.take<std::byte>(c.mul(cap, dm.n, dm.storage_bytes));
+  b.out = c.take<std::byte>(c.mul(cap, dm.d, dm.storage_bytes));
   return b;
 }
 

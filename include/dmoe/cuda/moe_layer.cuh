@@ -137,24 +137,21 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
 
   /// Bytes of device workspace forward needs for up to b.max_tokens tokens (max_threads is
   /// ignored). b.max_slots (dynamic-k and top-any; 0 = tokens * max_k) bounds the rows of the
-  /// expert activations, the bulk of the memory; the index buffers keep tokens * max_k entries.
+  /// expert activations, the plan, the sort and its index buffers; only the strided selection
+  /// (12 bytes per token and possible slot) keeps tokens * max_k entries.
   /// Depends on max_k: call again after changing k or k_max. Returns 0 if the CUDA runtime
   /// cannot answer CUB's size query (no device); throws dmoe::error(invalid_argument) when
   /// tokens * max_k exceeds the backend's 32-bit indices or the size does not fit in size_t.
   std::size_t workspace_size(const workspace_bounds& b) const {
     throw_if_error(check_tokens("moe_layer<cuda>::workspace_size", b.max_tokens));
-    std::size_t sort_bytes = 0, scan_bytes = 0;
-    if (!detail::cuda_backend::cub_temp_bytes(b.max_tokens * max_k(), b.max_tokens, detail::cuda_backend::key_bits(num_experts()),
-                                     sort_bytes, scan_bytes)
-             .ok())
-      return 0;
-    detail::carver c;
-    const index_t slots = fixed_k || b.max_slots <= 0 ? -1 : b.max_slots;
-    detail::cuda_backend::carve_layer(c, dims(), b.max_tokens, sort_bytes, scan_bytes, slots);
-    if (c.overflowed())
+    const index_t items = b.max_tokens * max_k();
+    const index_t slots = fixed_k || b.max_slots <= 0 || b.max_slots > items ? items : b.max_slots;
+    std::size_t bytes = 0;
+    if (!layout_bytes(b.max_tokens, slots, bytes).ok()) return 0;
+    if (bytes == 0)
       detail::raisef(errc::invalid_argument, "moe_layer<cuda>::workspace_size: the workspace for %td tokens does not "
                      "fit in size_t", b.max_tokens);
-    return c.bytes();
+    return bytes;
   }
   std::size_t workspace_size(const context<cuda>&, index_t max_tokens) const {
     return workspace_size(workspace_bounds{max_tokens, 1});
@@ -407,34 +404,47 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   /// device refuses a batch that needs more), the same count for the forward and for the calls
   /// that read its results. A forward of top-k needs all tokens * k rows; reading results (plan,
   /// scores, the error flags, whose offsets do not depend on the rows) needs only the rest.
-  status buffers(workspace ws, index_t tokens, detail::cuda_backend::layer_buffers& b, bool forward = false) const noexcept {
+  /// Bytes of the layout for `tokens` tokens and `slots` activation rows, CUB's temporaries asked
+  /// for a sort of `slots` entries; 0 when the size overflows.
+  status layout_bytes(index_t tokens, index_t slots, std::size_t& bytes) const noexcept {
     std::size_t sort_bytes = 0, scan_bytes = 0;
-    DMOE_TRY(detail::cuda_backend::cub_temp_bytes(tokens * max_k(), tokens, detail::cuda_backend::key_bits(num_experts()), sort_bytes,
-                                         scan_bytes));
-    const auto dm = dims();
-    const auto size_for = [&](index_t slots) {
-      detail::carver m;
-      detail::cuda_backend::carve_layer(m, dm, tokens, sort_bytes, scan_bytes, slots);
-      return m.bytes();
-    };
+    DMOE_TRY(detail::cuda_backend::cub_temp_bytes(slots, tokens, detail::cuda_backend::key_bits(num_experts()), sort_bytes,
+                                                  scan_bytes));
+    detail::carver m;
+    detail::cuda_backend::carve_layer(m, dims(), tokens, sort_bytes, scan_bytes, slots);
+    bytes = m.overflowed() ? 0 : m.bytes();
+    return {};
+  }
+
+  status buffers(workspace ws, index_t tokens, detail::cuda_backend::layer_buffers& b, bool forward = false) const noexcept {
     const index_t items = tokens * max_k();
-    const std::size_t full = size_for(items), least = forward && fixed_k ? full : size_for(0);
-    if (ws.data == nullptr || ws.bytes < least)
-      return status::failure(errc::workspace_too_small,
-                             "moe_layer<cuda>::forward: workspace has %zu bytes at %p, %td tokens need %zu "
-                             "(workspace_size)",
-                             ws.bytes, ws.data, tokens, full);
+    const int bits = detail::cuda_backend::key_bits(num_experts());
+    std::size_t sort_bytes = 0, scan_bytes = 0;
+    DMOE_TRY(detail::cuda_backend::cub_temp_bytes(items, tokens, bits, sort_bytes, scan_bytes));
+    detail::carver m;
+    detail::cuda_backend::carve_layer(m, dims(), tokens, sort_bytes, scan_bytes, items);
+    const std::size_t full = m.overflowed() ? 0 : m.bytes();
     index_t slots = items;
-    if (ws.bytes < full) {  // largest row count that fits: the size grows with it
-      index_t lo = 0, hi = items;
+    if (ws.data == nullptr || full == 0 || ws.bytes < full) {  // one CUB size query when the workspace is full-size
+      std::size_t least = 0;
+      DMOE_TRY(layout_bytes(tokens, 0, least));
+      if (ws.data == nullptr || least == 0 || ws.bytes < least || (forward && fixed_k))
+        return status::failure(errc::workspace_too_small,
+                               "moe_layer<cuda>::forward: workspace has %zu bytes at %p, %td tokens need %zu "
+                               "(workspace_size)",
+                               ws.bytes, ws.data, tokens, full);
+      index_t lo = 0, hi = items;  // largest row count that fits: the size grows with it
       while (hi - lo > 1) {
         const index_t mid = lo + (hi - lo) / 2;
-        (size_for(mid) <= ws.bytes ? lo : hi) = mid;
+        std::size_t need = 0;
+        DMOE_TRY(layout_bytes(tokens, mid, need));
+        (need != 0 && need <= ws.bytes ? lo : hi) = mid;
       }
       slots = lo;
+      DMOE_TRY(detail::cuda_backend::cub_temp_bytes(slots, tokens, bits, sort_bytes, scan_bytes));
     }
     detail::carver c(detail::carver::align(ws.data));
-    b = detail::cuda_backend::carve_layer(c, dm, tokens, sort_bytes, scan_bytes, slots);
+    b = detail::cuda_backend::carve_layer(c, dims(), tokens, sort_bytes, scan_bytes, slots);
     return {};
   }
 
