@@ -117,11 +117,11 @@ void check_backward_case(const shape& s, const typename P::options& opt, std::ui
     REQUIRE(gpu.forward(ctx, dmoe::matrix_view<const T>(xd.data(), tokens, d), dmoe::matrix_view<T>(yd.data(), tokens, d),
                         {ws.data(), ws.size()})
                 .ok());
-    const dmoe::status s = gpu.backward(ctx, dmoe::matrix_view<const T>(xd.data(), tokens, d),
-                                        dmoe::matrix_view<const T>(dyd.data(), tokens, d),
-                                        dmoe::matrix_view<T>(dxd.data(), tokens, d), gg, {ws.data(), ws.size()},
-                                        {bws.data(), bws.size()}, &aux);
-    REQUIRE_MESSAGE(s.ok(), s.message());
+    const dmoe::status st = gpu.backward(ctx, dmoe::matrix_view<const T>(xd.data(), tokens, d),
+                                         dmoe::matrix_view<const T>(dyd.data(), tokens, d),
+                                         dmoe::matrix_view<T>(dxd.data(), tokens, d), gg, {ws.data(), ws.size()},
+                                         {bws.data(), bws.size()}, &aux);
+    REQUIRE_MESSAGE(st.ok(), st.message());
     REQUIRE(gpu.check_numerics(ctx, {ws.data(), ws.size()}, tokens).ok());
   };
   const auto fetch = [&] {
@@ -243,6 +243,86 @@ TEST_SUITE("cuda") {
     const std::vector<float> x(static_cast<std::size_t>(tokens * d), 8000.f);
     const host_result r = run_cuda(gpu, x, tokens);
     for (float v : r.y) CHECK(v == 1023.5f);
+  }
+  TEST_CASE("row strides and offset pointers and two streams at once give the packed run's bits") {
+    if (skip_without_device()) return;
+    shape s;
+    s.d = 40, s.E = 6, s.n = 24, s.tokens = 700, s.expert_bias = true;
+    twin<__nv_bfloat16, dmoe::top_k, dmoe::swiglu> tw(s, dmoe::top_k_options{2, true}, 91);
+    using T = __nv_bfloat16;
+    dmoe::moe_layer<T, dmoe::cuda, dmoe::top_k, dmoe::swiglu> gpu(tw.cpu);
+    const index_t tokens = s.tokens, d = s.d, ld = d + 5, off = 3;  // odd offset: no 16-byte loads
+    const dmoe::workspace_bounds bounds{tokens, 1};
+    const aux_losses aux = aux_weights<dmoe::top_k>();
+    splitmix g(17, 5, 3);
+    std::vector<float> dyh(std::size_t(tokens * d));
+    for (auto& v : dyh) v = round_to<T>(float(g.uniform(-1.0, 1.0)));
+    struct run_state {
+      dmoe::device_array<unsigned char> ws, bws;
+      dmoe::device_array<T> x, y, dy, dx;
+      typename dmoe::moe_layer<T, dmoe::cuda, dmoe::top_k, dmoe::swiglu>::gradients grads;
+      cudaStream_t stream = nullptr;
+    };
+    // layout: rows of `stride` elements starting `base` elements into each array
+    const auto make = [&](index_t stride, index_t base) {
+      run_state r;
+      r.ws = dmoe::device_array<unsigned char>(gpu.workspace_size(bounds));
+      r.bws = dmoe::device_array<unsigned char>(gpu.backward_workspace_size(bounds));
+      const std::size_t count = std::size_t(base + tokens * stride);
+      std::vector<float> xs(count, 0.f), dys(count, 0.f);
+      for (index_t t = 0; t < tokens; ++t)
+        for (index_t j = 0; j < d; ++j) {
+          xs[std::size_t(base + t * stride + j)] = tw.x[std::size_t(t * d + j)];
+          dys[std::size_t(base + t * stride + j)] = dyh[std::size_t(t * d + j)];
+        }
+      r.x = dmoe::device_array<T>(count);
+      r.dy = dmoe::device_array<T>(count);
+      r.y = dmoe::device_array<T>(count);
+      r.dx = dmoe::device_array<T>(count);
+      r.x.upload(to_storage<T>(xs));
+      r.dy.upload(to_storage<T>(dys));
+      REQUIRE(cudaMemset(r.ws.data(), 0xff, r.ws.size()) == cudaSuccess);
+      REQUIRE(cudaMemset(r.bws.data(), 0xff, r.bws.size()) == cudaSuccess);
+      r.grads = gpu.make_gradients();
+      REQUIRE(cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking) == cudaSuccess);
+      return r;
+    };
+    const auto enqueue = [&](run_state& r, index_t stride, index_t base) {
+      const dmoe::context<dmoe::cuda> ctx{r.stream};
+      REQUIRE(gpu.forward(ctx, dmoe::matrix_view<const T>(r.x.data() + base, tokens, d, stride),
+                          dmoe::matrix_view<T>(r.y.data() + base, tokens, d, stride), {r.ws.data(), r.ws.size()})
+                  .ok());
+      REQUIRE(gpu.backward(ctx, dmoe::matrix_view<const T>(r.x.data() + base, tokens, d, stride),
+                           dmoe::matrix_view<const T>(r.dy.data() + base, tokens, d, stride),
+                           dmoe::matrix_view<T>(r.dx.data() + base, tokens, d, stride), r.grads,
+                           {r.ws.data(), r.ws.size()}, {r.bws.data(), r.bws.size()}, &aux)
+                  .ok());
+    };
+    const auto fetch = [&](run_state& r, index_t stride, index_t base) {
+      std::vector<std::vector<float>> out;
+      const auto rows = [&](const dmoe::device_array<T>& a) {
+        const std::vector<float> all = from_storage(a.download(r.stream));
+        std::vector<float> v(std::size_t(tokens * d));
+        for (index_t t = 0; t < tokens; ++t)
+          for (index_t j = 0; j < d; ++j) v[std::size_t(t * d + j)] = all[std::size_t(base + t * stride + j)];
+        return v;
+      };
+      out.push_back(rows(r.y));
+      out.push_back(rows(r.dx));
+      auto hg = tw.cpu.make_gradients();
+      r.grads.download_to(dmoe::context<dmoe::cuda>{r.stream}, hg);
+      for (auto& t : all_tensors(hg)) out.push_back(std::move(t));
+      cudaStreamDestroy(r.stream);
+      return out;
+    };
+    run_state packed = make(d, 0);
+    enqueue(packed, d, 0);
+    const auto want = fetch(packed, d, 0);
+    run_state a = make(ld, off), b = make(d, 0);
+    enqueue(a, ld, off);  // two streams in flight at once, distinct workspaces
+    enqueue(b, d, 0);
+    CHECK(fetch(a, ld, off) == want);
+    CHECK(fetch(b, d, 0) == want);
   }
   TEST_CASE("backward refuses a scratch workspace too small and gradients of another shape") {
     if (skip_without_device()) return;
