@@ -21,8 +21,8 @@
 # Exit status: nonzero if the tests do not build, do not pass, or a sanitizer reports an error.
 # Benchmark figures are printed, never judged. Budget (16 cores): build ~2 min, tests ~1 min,
 # sanitizers ~3 min, benchmark ~2 min: under 8 minutes.
-#   DMOE_GPU_DRY=1  builds nothing that needs nvcc's device passes to run: prints the commands
-#                   (the rehearsal on a machine without a GPU).
+#   DMOE_GPU_DRY=1         prints every step's command and runs none (rehearsal without a GPU);
+#   DMOE_GPU_BUILD_ONLY=1  runs the build step for real and stops (rehearsal of the build).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -34,7 +34,9 @@ if [[ "${1:-}" == "--prepare" ]]; then
   cp -r /usr/include/doctest "$deps/include/"
   cp -r /usr/include/benchmark "$deps/include/" 2>/dev/null || echo "no Google Benchmark headers: the bench is skipped there"
   cp -P /usr/lib/x86_64-linux-gnu/libbenchmark.so* "$deps/lib/" 2>/dev/null || true
-  grep -qx "/$deps/" .git/info/exclude 2>/dev/null || echo "/$deps/" >> .git/info/exclude
+  exclude="$(git rev-parse --git-path info/exclude)"  # a worktree's .git is a file
+  mkdir -p "$(dirname "$exclude")"
+  grep -qx "/$deps/" "$exclude" 2>/dev/null || echo "/$deps/" >> "$exclude"
   du -sh "$deps"
   exit 0
 fi
@@ -91,6 +93,10 @@ if [[ -n "$bench_pid" ]]; then
 fi
 [[ $build_ok == 1 ]] || { echo "test build failed:"; tail -n 60 "$out"/build_*.log; exit 1; }
 echo "build seconds: $(( $(date +%s) - start ))"
+if [[ "${DMOE_GPU_BUILD_ONLY:-0}" == 1 ]]; then  # rehearsal of the build on a machine without a GPU
+  echo "build only: $build/dmoe_cuda_tests, bench built: $bench_ok"
+  exit 0
+fi
 note "build: $(( $(date +%s) - start )) s (benchmark built: $bench_ok)"
 
 step "CUDA tests"
