@@ -61,6 +61,7 @@ flags=(-std=c++17 -O2 "-arch=sm_$arch" --expt-relaxed-constexpr -diag-suppress=2
        -Xcompiler=-Wall,-Wextra -UNDEBUG -lineinfo)
 summary=()
 note() { summary+=("$*"); }
+tu_timeout="${DMOE_GPU_TU_TIMEOUT:-420}"  # per nvcc process; a loaded 2-core rehearsal needs more
 
 step "device"
 run timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
@@ -74,13 +75,13 @@ pids=()
 for src in tests/unit/main.cpp tests/cuda/test_cuda_forward.cu tests/cuda/test_cuda_backward.cu tests/cuda/test_cuda_second_tu.cu; do
   o="$build/$(basename "$src").o"
   objs+=("$o")
-  run timeout 420 "$nvcc_bin" "${flags[@]}" "${inc[@]}" -x cu -c "$src" -o "$o" > "$out/build_$(basename "$src").log" 2>&1 &
+  run timeout "$tu_timeout" "$nvcc_bin" "${flags[@]}" "${inc[@]}" -x cu -c "$src" -o "$o" > "$out/build_$(basename "$src").log" 2>&1 &
   pids+=($!)
 done
 bench_ok=0
 bench_pid=
 if [[ -f "$deps/include/benchmark/benchmark.h" || -f /usr/include/benchmark/benchmark.h ]]; then
-  run timeout 420 "$nvcc_bin" "${flags[@]}" -O3 "${inc[@]}" bench/cuda/bench_cuda_forward.cu -o "$build/bench_cuda_forward" \
+  run timeout "$tu_timeout" "$nvcc_bin" "${flags[@]}" "${inc[@]}" bench/cuda/bench_cuda_forward.cu -o "$build/bench_cuda_forward" \
     -L"$deps/lib" -lbenchmark -lcublas -lpthread > "$out/build_bench.log" 2>&1 &
   bench_pid=$!
 fi

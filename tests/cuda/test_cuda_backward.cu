@@ -10,6 +10,8 @@
 // fp32 storage's forward products are TF32: 1e-2, bf16 4e-2 (the forward's tolerances).
 // Also: two backwards give bitwise equal gradients, and a captured graph of forward + backward
 // replays to the same bits. Each device test prints DMOE_SKIP without a device.
+#include <utility>
+
 #include "cuda_test_support.cuh"
 
 namespace {
@@ -323,6 +325,58 @@ TEST_SUITE("cuda") {
     enqueue(b, d, 0);
     CHECK(fetch(a, ld, off) == want);
     CHECK(fetch(b, d, 0) == want);
+  }
+  TEST_CASE("slot bound: a batch within it gives the unbounded bits and a batch beyond it is refused") {
+    if (skip_without_device()) return;
+    shape s;
+    s.d = 32, s.E = 8, s.n = 16, s.tokens = 600;  // 600 x 8 strided slots: the radix-sort path
+    twin<float, dmoe::top_any, dmoe::relu> tw(s, dmoe::top_any_options{true}, 123);
+    dmoe::moe_layer<float, dmoe::cuda, dmoe::top_any, dmoe::relu> gpu(tw.cpu);
+    const index_t tokens = s.tokens, d = s.d;
+    dmoe::device_array<float> x(tw.x.size()), y(tw.x.size()), dy(tw.x.size()), dx(tw.x.size());
+    x.upload(tw.x);
+    dy.upload(tw.x);  // any dy
+    const dmoe::context<dmoe::cuda> ctx{};
+    const dmoe::matrix_view<const float> xv(x.data(), tokens, d);
+    const auto run = [&](index_t max_slots, dmoe::status& numerics, std::vector<float>& grads_out) {
+      const dmoe::workspace_bounds bounds{tokens, 1, max_slots};
+      dmoe::device_array<unsigned char> ws(gpu.workspace_size(bounds)), bws(gpu.backward_workspace_size(bounds));
+      REQUIRE(cudaMemset(ws.data(), 0xff, ws.size()) == cudaSuccess);
+      REQUIRE(cudaMemset(bws.data(), 0xff, bws.size()) == cudaSuccess);
+      REQUIRE(gpu.forward(ctx, xv, dmoe::matrix_view<float>(y.data(), tokens, d), {ws.data(), ws.size()}).ok());
+      auto g2 = gpu.make_gradients();
+      REQUIRE(gpu.backward(ctx, xv, dmoe::matrix_view<const float>(dy.data(), tokens, d),
+                           dmoe::matrix_view<float>(dx.data(), tokens, d), g2, {ws.data(), ws.size()},
+                           {bws.data(), bws.size()})
+                  .ok());
+      numerics = gpu.check_numerics(ctx, {ws.data(), ws.size()}, tokens);
+      index_t nnz = 0;
+      const dmoe::routing_plan<float> p = gpu.plan({ws.data(), ws.size()}, tokens);
+      REQUIRE(cudaMemcpy(&nnz, p.token_offsets + tokens, sizeof nnz, cudaMemcpyDeviceToHost) == cudaSuccess);
+      grads_out = g2.w1.download();
+      const auto w2 = g2.w2.download();
+      grads_out.insert(grads_out.end(), w2.begin(), w2.end());
+      return std::make_pair(nnz, std::make_pair(y.download(), dx.download()));
+    };
+    dmoe::status st;
+    std::vector<float> g_full, g_fit, g_over;
+    const auto full = run(0, st, g_full);
+    REQUIRE(st.ok());
+    const index_t nnz = full.first;
+    REQUIRE(nnz > 1);
+    REQUIRE(nnz < tokens * s.E);  // the bound below is smaller than tokens x E
+    const auto fit = run(nnz, st, g_fit);
+    CHECK(st.ok());
+    CHECK(fit.second.first == full.second.first);
+    CHECK(fit.second.second == full.second.second);
+    CHECK(g_fit == g_full);
+    const auto over = run(nnz - 1, st, g_over);
+    CHECK(st.code() == dmoe::errc::workspace_too_small);
+    const std::vector<float>& b2 = tw.cpu.experts().output_bias_storage();
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t j = 0; j < d; ++j)
+        CHECK(over.second.first[std::size_t(t * d + j)] == (b2.empty() ? 0.f : b2[std::size_t(j)]));
+    for (float v : g_over) CHECK(v == 0.f);  // no expert ran: zero expert gradients
   }
   TEST_CASE("backward refuses a scratch workspace too small and gradients of another shape") {
     if (skip_without_device()) return;
