@@ -484,12 +484,6 @@ __global__ void expert_weight_grad_kernel(layer_buffers b, backward_buffers w, c
   }
 }
 
-/// Grid of a grid-stride loop over `items` (capped: the loop covers the rest).
-inline unsigned stride_grid(index_t items, int threads) noexcept {
-  const index_t b = blocks_for(items, threads);
-  return static_cast<unsigned>(b < 65535 * 16 ? b : 65535 * 16);
-}
-
 /// Fp32 gradients of the expert parameters, device pointers; null where the layer has no such bias.
 struct expert_grads {
   float* w1 = nullptr;

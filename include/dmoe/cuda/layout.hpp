@@ -78,6 +78,12 @@ inline constexpr index_t blocks_for(index_t items, index_t threads) noexcept {
   return b > 0 ? b : 1;
 }
 
+/// Blocks of a grid-stride loop over `items` (capped; the loop covers the rest). At least 1.
+inline constexpr unsigned stride_grid(index_t items, index_t threads) noexcept {
+  const index_t b = blocks_for(items, threads);
+  return static_cast<unsigned>(b < 65535 * 16 ? b : 65535 * 16);
+}
+
 /// Largest token count a layer call accepts: device indices are int32, so tokens * max_k
 /// (and tokens * max(E, router hidden)) must stay below 2^31.
 inline constexpr bool fits_int32(index_t tokens, index_t per_token) noexcept {
