@@ -137,6 +137,35 @@ double dense_mlp_ms(index_t T, index_t d, index_t hidden, bool gated, int reps) 
   return ms;
 }
 
+/// cuBLAS dense MLP forward + backward: the forward above, then dH = dY W2^T, dW2 = H^T dY,
+/// dX = dH W1^T, dW1 = X^T dH (the activation's backward is elementwise and left out: a lower
+/// bound for the dense side). bf16 in / fp32 accumulate. Returns ms.
+double dense_mlp_train_ms(index_t T, index_t d, index_t hidden, bool gated, int reps) {
+  auto& g = env();
+  const index_t h1 = gated ? 2 * hidden : hidden;
+  dmoe::device_array<bf16> x{std::size_t(T * d)}, w1{std::size_t(d * h1)}, b1{std::size_t(h1)}, h{std::size_t(T * h1)},
+      dh{std::size_t(T * h1)}, w2{std::size_t(hidden * d)}, y{std::size_t(T * d)}, dy{std::size_t(T * d)},
+      dx{std::size_t(T * d)}, dw1{std::size_t(d * h1)}, dw2{std::size_t(hidden * d)};
+  for (auto* a : {&x, &w1, &b1, &w2, &dy}) dmoe::detail::cuda_backend::fill_uniform(a->data(), a->size(), 11, 0.03f);
+  const float one = 1.f, zero = 0.f;
+  const auto gemm = [&](cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t n, index_t k, const bf16* a,
+                        index_t lda, const bf16* b, index_t ldb, bf16* c, index_t ldc) {
+    BENCH_CUBLAS(cublasGemmEx(g.blas, ta, tb, int(m), int(n), int(k), &one, a, CUDA_R_16BF, int(lda), b, CUDA_R_16BF,
+                              int(ldb), &zero, c, CUDA_R_16BF, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  };
+  const auto run = [&] {
+    // column-major views: x^T (d x T), h^T (h1 x T), y^T (d x T); W1^T (h1 x d), W2^T (d x hidden)
+    gemm(CUBLAS_OP_N, CUBLAS_OP_N, h1, T, d, w1.data(), h1, x.data(), d, h.data(), h1);
+    bias_act_kernel<<<4096, 256, 0, g.stream>>>(h.data(), b1.data(), T, h1, gated ? 1 : 0);
+    gemm(CUBLAS_OP_N, CUBLAS_OP_N, d, T, hidden, w2.data(), d, h.data(), h1, y.data(), d);
+    gemm(CUBLAS_OP_T, CUBLAS_OP_N, hidden, T, d, w2.data(), d, dy.data(), d, dh.data(), h1);      // dH
+    gemm(CUBLAS_OP_N, CUBLAS_OP_T, d, hidden, T, dy.data(), d, h.data(), h1, dw2.data(), d);      // dW2
+    gemm(CUBLAS_OP_T, CUBLAS_OP_N, d, T, h1, w1.data(), h1, dh.data(), h1, dx.data(), d);         // dX
+    gemm(CUBLAS_OP_N, CUBLAS_OP_T, h1, d, T, dh.data(), h1, x.data(), d, dw1.data(), h1);         // dW1
+  };
+  return time_ms(run, reps);
+}
+
 template <class P, class A>
 struct moe_setup {
   using layer_t = dmoe::moe_layer<bf16, dmoe::cuda, P, A>;
@@ -151,6 +180,29 @@ struct moe_setup {
     dmoe::detail::cuda_backend::fill_uniform(x.data(), x.size(), 7, 1.f);
     ws = dmoe::device_array<unsigned char>(layer->workspace_size(dmoe::workspace_bounds{tokens, 1}));
   }
+  /// Backward of the last forward (allocates the gradients and the scratch on first use).
+  void backward() {
+    if (grads.w1.empty()) {
+      grads = layer->make_gradients();
+      bws = dmoe::device_array<unsigned char>(layer->backward_workspace_size(dmoe::workspace_bounds{T, 1}));
+      dy = dmoe::device_array<bf16>(x.size());
+      dx = dmoe::device_array<bf16>(x.size());
+      dmoe::detail::cuda_backend::fill_uniform(dy.data(), dy.size(), 9, 1.f);
+    }
+    const index_t d = layer->d_model();
+    const dmoe::status s = layer->backward(dmoe::context<dmoe::cuda>{env().stream},
+                                           dmoe::matrix_view<const bf16>(x.data(), T, d),
+                                           dmoe::matrix_view<const bf16>(dy.data(), T, d),
+                                           dmoe::matrix_view<bf16>(dx.data(), T, d), grads, {ws.data(), ws.size()},
+                                           {bws.data(), bws.size()});
+    if (!s.ok()) {
+      std::fprintf(stderr, "backward: %s\n", s.message());
+      std::exit(1);
+    }
+  }
+  typename layer_t::gradients grads;
+  dmoe::device_array<unsigned char> bws;
+  dmoe::device_array<bf16> dy, dx;
   void forward(dmoe::routing_stats* st = nullptr) {
     const dmoe::status s = layer->forward(dmoe::context<dmoe::cuda>{env().stream},
                                           dmoe::matrix_view<const bf16>(x.data(), T, layer->d_model()),
@@ -252,6 +304,32 @@ void BM_M_top8(benchmark::State& state) {
   state.counters["copy_gbps"] = copy_bandwidth_gbps();
 }
 BENCHMARK(BM_M_top8)->Arg(1)->Arg(8)->Arg(16)->Arg(16384)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+
+// ---- training step: forward + backward of shape M (top-8 SwiGLU) against the dense MLP's -----
+// The backward is the first, SIMT version (docs/cuda.md): expect it far below the dense cuBLAS
+// rate; the figure is recorded to measure the tensor-core version against.
+void BM_M_top8_train(benchmark::State& state) {
+  const index_t T = state.range(0), d = 2048, E = 128, n = 768;
+  dmoe::moe_config cfg{d, E, n};
+  moe_setup<dmoe::top_k, dmoe::swiglu> m(cfg, {8, true}, T);
+  dmoe::routing_stats st(E);
+  m.forward(&st);
+  m.backward();
+  const double dense = dense_mlp_train_ms(T, d, E * n, true, 3);
+  double ms = 0;
+  for (auto _ : state) {
+    ms = time_ms([&] { m.forward(); m.backward(); }, 2);
+    state.SetIterationTime(ms * 1e-3);
+  }
+  state.counters["f"] = st.active_fraction();
+  state.counters["moe_ms"] = ms;
+  state.counters["dense_ms"] = dense;
+  state.counters["speedup"] = dense / ms;
+  state.counters["eta"] = dense * st.active_fraction() / ms;
+  // forward 1x + backward 2x the expert FLOPs (dX and dW products)
+  state.counters["tflops"] = 3.0 * st.expert_flops / (ms * 1e-3) / 1e12;
+}
+BENCHMARK(BM_M_top8_train)->Arg(2048)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
 
 }  // namespace
 

@@ -40,4 +40,54 @@ status combine(const layer_buffers& b, const T* out, const T* b2, T* y, index_t 
   return {};
 }
 
+// --- backward (the CPU side's slot_weight_grads, input_grads, output_bias_grad) -----------------
+
+/// dweight[s] = <dy_t, out[slot_row[s]]> for every strided slot of token t (0 for unused slots and
+/// for a batch beyond the slot bound): one block per token, one warp per slot, lanes over d and
+/// a warp_sum, so the order is fixed.
+template <class T>
+__global__ void __launch_bounds__(combine_threads)
+    slot_weight_grad_kernel(layer_buffers b, const T* __restrict__ out, const T* __restrict__ dy, index_t ldy, int d,
+                            int max_k, float* __restrict__ dweight) {
+  const index_t t = blockIdx.x;
+  const int cnt = *b.slot_overflow != 0 ? 0 : b.counts[t];
+  const index_t base = t * max_k;
+  const int lane = static_cast<int>(threadIdx.x) % 32, warps = combine_threads / 32;
+  for (int i = static_cast<int>(threadIdx.x) / 32; i < max_k; i += warps) {
+    float acc = 0.f;
+    if (i < cnt) {
+      const T* o = out + static_cast<index_t>(b.slot_row[base + i]) * d;
+      for (int c = lane; c < d; c += 32) acc = fmaf(to_float(dy[t * ldy + c]), to_float(o[c]), acc);
+      acc = warp_sum(acc);
+    }
+    if (lane == 0) dweight[base + i] = acc;
+  }
+}
+
+/// dx_t = router part + the slots' parts in slot order (fp32), rounded once to T: one block per
+/// token, no atomics.
+template <class T>
+__global__ void __launch_bounds__(combine_threads)
+    input_grad_kernel(layer_buffers b, backward_buffers w, T* __restrict__ dx, index_t lddx, int d, int max_k) {
+  const index_t t = blockIdx.x;
+  const int cnt = *b.slot_overflow != 0 ? 0 : b.counts[t];
+  const index_t base = t * max_k;
+  for (int c = static_cast<int>(threadIdx.x); c < d; c += combine_threads) {
+    float acc = w.dx_router[t * d + c];
+    for (int i = 0; i < cnt; ++i) acc += w.dx_slot[static_cast<index_t>(b.slot_row[base + i]) * d + c];
+    dx[t * lddx + c] = from_float<T>(acc);
+  }
+}
+
+/// db2[c] = sum over tokens in token order of dy[t, c] (fp32); one thread per column.
+template <class T>
+__global__ void output_bias_grad_kernel(const T* __restrict__ dy, index_t ldy, index_t tokens, int d,
+                                        float* __restrict__ db2) {
+  const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (c >= d) return;
+  float acc = 0.f;
+  for (index_t t = 0; t < tokens; ++t) acc += to_float(dy[t * ldy + c]);
+  db2[c] = acc;
+}
+
 }  DMOE_NAMESPACE_END  // namespace dmoe::detail::cuda_backend

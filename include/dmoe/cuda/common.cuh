@@ -66,6 +66,40 @@ __device__ __forceinline__ T from_float(float v) {
     return __float2bfloat16_rn(v);
 }
 
+/// Sum over the 32 lanes of a warp by an xor-shuffle tree: the order of the additions depends
+/// only on the lane, so the result is bitwise reproducible (the backward's reductions use it).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+/// Fails (invalid_argument) when the current device is not `dev`, the device a layer's weights
+/// live on: a launch there would read another device's pointers. One cudaGetDevice, no sync.
+inline status check_current_device(int dev, const char* who) noexcept {
+  int cur = -1;
+  const cudaError_t e = cudaGetDevice(&cur);
+  if (e != cudaSuccess) return cuda_failure(e, who);
+  if (cur != dev)
+    return status::failure(errc::invalid_argument,
+                           "%s: the current device is %d, the layer's weights are on device %d (cudaSetDevice(%d) "
+                           "first)",
+                           who, cur, dev, dev);
+  return {};
+}
+
+/// from_float for the expert activations and outputs the forward keeps in T: an fp16 value
+/// beyond +-65504 saturates to +-65504 instead of becoming inf (and then NaN in the next
+/// product) where the fp32 CPU stays finite; NaN stays NaN. float and bf16 (the float
+/// exponent range) convert as from_float.
+template <class T>
+__device__ __forceinline__ T from_float_saturating(float v) {
+  if constexpr (std::is_same_v<T, __half>)
+    return __float2half_rn(v != v ? v : fminf(fmaxf(v, -65504.f), 65504.f));
+  else
+    return from_float<T>(v);
+}
+
 /// Host conversion of float weights to the storage type's bit pattern (cold path).
 template <class T>
 void convert_to_storage(const float* src, std::size_t count, T* dst) {
@@ -111,13 +145,41 @@ __global__ void fill_uniform_kernel(T* p, std::size_t count, std::uint64_t seed,
   }
 }
 
+/// A private non-blocking stream for the cold paths (uploads, downloads, initialisation): work
+/// there never touches the legacy default stream, which would break another thread's
+/// global-mode graph capture and serialise with every blocking stream. Waited for before use
+/// ends; destroyed with the object.
+class cold_stream {
+ public:
+  cold_stream() { throw_on_cuda(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags"); }
+  ~cold_stream() {
+    if (s_) (void)cudaStreamDestroy(s_);
+  }
+  cold_stream(const cold_stream&) = delete;
+  cold_stream& operator=(const cold_stream&) = delete;
+  cudaStream_t get() const noexcept { return s_; }
+  void wait(const char* what) const { throw_on_cuda(cudaStreamSynchronize(s_), what); }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
 /// Fills count elements at p on the device and waits for it (cold path).
 template <class T>
 void fill_uniform(T* p, std::size_t count, std::uint64_t seed, float bound) {
   if (count == 0) return;
-  fill_uniform_kernel<T><<<1024, 256>>>(p, count, seed, bound);
+  const cold_stream cs;
+  fill_uniform_kernel<T><<<1024, 256, 0, cs.get()>>>(p, count, seed, bound);
   throw_on_cuda(cudaGetLastError(), "fill_uniform_kernel launch");
-  throw_on_cuda(cudaDeviceSynchronize(), "fill_uniform_kernel");
+  cs.wait("fill_uniform_kernel");
+}
+
+/// Sets count bytes at p to zero and waits (cold path, on a private stream).
+inline void zero_bytes(void* p, std::size_t count, const char* what) {
+  if (count == 0) return;
+  const cold_stream cs;
+  throw_on_cuda(cudaMemsetAsync(p, 0, count, cs.get()), what);
+  cs.wait(what);
 }
 
 }  // namespace detail::cuda_backend
@@ -166,27 +228,38 @@ class device_array {
   std::size_t size() const noexcept { return count_; }
   bool empty() const noexcept { return count_ == 0; }
 
-  /// Synchronous copy from host (count elements): the data is on the device when this returns.
+  /// Synchronous copy from host (count elements): the data is on the device when this returns
+  /// (a private stream, waited for, so work on any stream issued afterwards sees it).
   void upload(const T* src, std::size_t count) {
     if (count > count_)
       detail::raisef(errc::invalid_argument, "device_array::upload: %zu elements into an array of %zu", count, count_);
     if (count > 0) {
-      detail::cuda_backend::throw_on_cuda(cudaMemcpy(ptr_, src, count * sizeof(T), cudaMemcpyHostToDevice),
-                                 "device_array::upload: cudaMemcpy");
-      // cudaMemcpy from pageable memory may return once the data is staged, before the DMA has
-      // landed; work on a non-blocking stream (not ordered after the default stream) could then
-      // read stale memory. Wait for the default stream, which ran the copy.
-      detail::cuda_backend::throw_on_cuda(cudaStreamSynchronize(nullptr), "device_array::upload: cudaStreamSynchronize");
+      const detail::cuda_backend::cold_stream cs;
+      detail::cuda_backend::throw_on_cuda(cudaMemcpyAsync(ptr_, src, count * sizeof(T), cudaMemcpyHostToDevice, cs.get()),
+                                          "device_array::upload: cudaMemcpyAsync");
+      cs.wait("device_array::upload: cudaStreamSynchronize");
     }
   }
   void upload(const std::vector<T>& v) { upload(v.data(), v.size()); }
-  /// Synchronous copy to host (the whole array).
-  std::vector<T> download() const {
+  /// Synchronous copy to host (the whole array) after everything `after` has enqueued: pass the
+  /// stream that wrote the array (a non-blocking stream is not ordered after any other).
+  std::vector<T> download(cudaStream_t after) const {
+    detail::cuda_backend::throw_on_cuda(cudaStreamSynchronize(after), "device_array::download: cudaStreamSynchronize");
     std::vector<T> v(count_);
-    if (count_ > 0)
-      detail::cuda_backend::throw_on_cuda(cudaMemcpy(v.data(), ptr_, count_ * sizeof(T), cudaMemcpyDeviceToHost),
-                                 "device_array::download: cudaMemcpy");
+    if (count_ > 0) {
+      const detail::cuda_backend::cold_stream cs;
+      detail::cuda_backend::throw_on_cuda(
+          cudaMemcpyAsync(v.data(), ptr_, count_ * sizeof(T), cudaMemcpyDeviceToHost, cs.get()),
+          "device_array::download: cudaMemcpyAsync");
+      cs.wait("device_array::download: cudaStreamSynchronize");
+    }
     return v;
+  }
+  /// Synchronous copy to host after all work on the device (cudaDeviceSynchronize: not while
+  /// another thread captures a graph in global mode; use download(stream) there).
+  std::vector<T> download() const {
+    detail::cuda_backend::throw_on_cuda(cudaDeviceSynchronize(), "device_array::download: cudaDeviceSynchronize");
+    return download(cudaStream_t{});
   }
 
  private:

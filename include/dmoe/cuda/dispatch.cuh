@@ -5,9 +5,11 @@
 /// \file
 /// Dispatch on the device: the plan's slots in expert-major order, stable in token order, without
 /// the host ever learning the counts.
-///  - items > small_dispatch_max_items: cub::DeviceRadixSort on key_bits(E) bits of (expert id |
-///    sentinel E) over ALL tokens * max_k strided slots (the host knows that length; unused slots
-///    carry the sentinel and sort last), then one pass that finds the expert boundaries.
+///  - the sort runs over slot_capacity entries built from the compacted plan (the slot bound of
+///    dynamic-k and top-any, tokens * k for top-k: a length the host knows); entries past the
+///    plan's nnz carry the sentinel E and sort last.
+///  - slot_capacity > small_dispatch_max_items: cub::DeviceRadixSort on key_bits(E) bits of
+///    (expert id | sentinel E), then one pass that finds the expert boundaries.
 ///  - otherwise (decode): one block does a counting sort in shared memory (histogram, scan, a
 ///    warp-synchronous stable scatter) in a single launch.
 /// Both are stable, so both give the same order: token order within an expert.
@@ -20,14 +22,41 @@
 
 DMOE_NAMESPACE_BEGIN namespace detail::cuda_backend {
 
+/// The sort's input, slot_capacity entries (the slot bound, not tokens * max_k): entry j < nnz
+/// is plan slot j (compacted, token-major), key its expert, value its strided slot t max_k + i
+/// (token t found by binary search over token_offsets); entries past nnz carry the sentinel E and
+/// sort last. Everything downstream addresses slots by their strided index, as before.
+template <class = void>  // templates: header kernels must not clash across TUs
+__global__ void sort_input_kernel(layer_buffers b, int E, int max_k) {
+  const index_t j = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= b.slot_capacity) return;
+  const index_t nnz = b.token_offsets[b.tokens];
+  if (j >= nnz) {
+    b.sort_keys[j] = E;
+    b.sort_vals[j] = 0;
+    return;
+  }
+  index_t lo = 0, hi = b.tokens;  // largest t with token_offsets[t] <= j
+  while (hi - lo > 1) {
+    const index_t mid = lo + (hi - lo) / 2;
+    if (b.token_offsets[mid] <= j)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  b.sort_keys[j] = b.plan_expert[j];
+  b.sort_vals[j] = static_cast<std::int32_t>(lo * max_k + (j - b.token_offsets[lo]));
+}
+
 /// After the radix sort: expert_offsets from the boundaries of the sorted keys, sorted_token and
 /// slot_row (the inverse permutation) for the used slots. Thread r looks at sorted rows r - 1, r.
-template <class = void>  // templates: header kernels must not clash across TUs
+template <class = void>
 __global__ void finish_dispatch_kernel(layer_buffers b, int E, int max_k) {
   const index_t r = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r > b.items) return;
-  expert_boundaries(b.sort_keys_out, b.items, E, r, b.expert_offsets);
-  if (r < b.items && b.sort_keys_out[r] < E) {
+  const index_t n = b.slot_capacity;
+  if (r > n) return;
+  expert_boundaries(b.sort_keys_out, n, E, r, b.expert_offsets);
+  if (r < n && b.sort_keys_out[r] < E) {
     const std::int32_t v = b.sort_vals_out[r];
     b.sorted_token[r] = v / max_k;
     b.slot_row[v] = static_cast<std::int32_t>(r);
@@ -39,7 +68,7 @@ template <class = void>
 __global__ void __launch_bounds__(single_block_threads) small_dispatch_kernel(layer_buffers b, int E, int max_k) {
   extern __shared__ int cursor[];  // (E + 1)
   const int tid = static_cast<int>(threadIdx.x);
-  const int items = static_cast<int>(b.items);
+  const int items = static_cast<int>(b.slot_capacity);
   for (int e = tid; e <= E; e += blockDim.x) cursor[e] = 0;
   __syncthreads();
   for (int j = tid; j < items; j += blockDim.x) atomicAdd(&cursor[b.sort_keys[j]], 1);  // counts: order-free
@@ -69,9 +98,10 @@ __global__ void __launch_bounds__(single_block_threads) small_dispatch_kernel(la
       if (j < items && (same >> tid) == 1u) cursor[key] += __popc(same);  // highest lane of its group
       __syncwarp();
       if (j < items && key < E) {
-        b.sort_vals_out[pos] = j;
-        b.sorted_token[pos] = j / max_k;
-        b.slot_row[j] = pos;
+        const int v = b.sort_vals[j];  // strided slot
+        b.sort_vals_out[pos] = v;
+        b.sorted_token[pos] = v / max_k;
+        b.slot_row[v] = pos;
       }
     }
   }
@@ -92,7 +122,7 @@ __global__ void tile_offsets_kernel(layer_buffers b, int E) {
 template <class = void>
 __global__ void slot_bound_kernel(layer_buffers b, int E) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  const std::int32_t nnz = b.expert_offsets[E];
+  const index_t nnz = b.token_offsets[b.tokens];  // the sort saw at most slot_capacity of them
   if (nnz <= b.slot_capacity) return;
   *b.slot_overflow = static_cast<unsigned long long>(nnz);
   for (int e = 0; e <= E; ++e) b.tile_offsets[e] = 0;
@@ -130,6 +160,12 @@ inline bool k_histogram_in_shared(index_t E) noexcept {
   return (E + 1) * static_cast<index_t>(sizeof(int)) <= 48 * 1024;
 }
 
+/// No activation rows (a slot bound of 0): every expert empty.
+template <class = void>
+__global__ void empty_dispatch_kernel(layer_buffers b, int E) {
+  for (int e = static_cast<int>(threadIdx.x); e <= E; e += blockDim.x) b.expert_offsets[e] = 0;
+}
+
 /// Whether the one-block decode dispatch applies (its bins must fit the default shared memory).
 inline bool use_small_dispatch(index_t items, index_t E) noexcept {
   return items <= small_dispatch_max_items && (E + 1) * static_cast<index_t>(sizeof(int)) <= 32 * 1024;
@@ -159,16 +195,23 @@ inline status cub_temp_bytes(index_t items, index_t tokens, int key_bit_count, s
 /// Enqueues the dispatch of the strided slots in `b` (keys and values written by select_kernel).
 inline status dispatch(layer_buffers& b, int E, int max_k, cudaStream_t stream) noexcept {
   cudaError_t e = cudaSuccess;
-  if (use_small_dispatch(b.items, E)) {
+  if (b.slot_capacity > 0) {
+    sort_input_kernel<><<<static_cast<unsigned>(blocks_for(b.slot_capacity, 256)), 256, 0, stream>>>(b, E, max_k);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "sort_input_kernel launch");
+  }
+  if (b.slot_capacity == 0) {
+    empty_dispatch_kernel<><<<1, 32, 0, stream>>>(b, E);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "empty_dispatch_kernel launch");
+  } else if (use_small_dispatch(b.slot_capacity, E)) {
     small_dispatch_kernel<><<<1, single_block_threads, static_cast<std::size_t>(E + 1) * sizeof(int), stream>>>(b, E,
                                                                                                          max_k);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "small_dispatch_kernel launch");
   } else {
     std::size_t bytes = b.sort_temp_bytes;
     e = cub::DeviceRadixSort::SortPairs(b.sort_temp, bytes, b.sort_keys, b.sort_keys_out, b.sort_vals,
-                                        b.sort_vals_out, static_cast<int>(b.items), 0, key_bits(E), stream);
+                                        b.sort_vals_out, static_cast<int>(b.slot_capacity), 0, key_bits(E), stream);
     if (e != cudaSuccess) return cuda_failure(e, "cub::DeviceRadixSort::SortPairs");
-    finish_dispatch_kernel<><<<static_cast<unsigned>(blocks_for(b.items + 1, 256)), 256, 0, stream>>>(b, E, max_k);
+    finish_dispatch_kernel<><<<static_cast<unsigned>(blocks_for(b.slot_capacity + 1, 256)), 256, 0, stream>>>(b, E, max_k);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_failure(e, "finish_dispatch_kernel launch");
   }
   tile_offsets_kernel<><<<1, 32, 0, stream>>>(b, E);

@@ -79,12 +79,14 @@ struct gemm_smem {
 // cp.async (sm_80+): 16 bytes global -> shared, bypassing registers; src_bytes = 0 zero-fills.
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
   const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0));
+  // "memory": the compiler must not move ordinary shared / global accesses across the copy.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0)
+               : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int Pending>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
 }
 
 enum class gemm_stage : int { first = 1, second = 2 };
@@ -140,11 +142,12 @@ __global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T>
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32;
   const int wm = warp / 2, wn = warp % 2;
   const int ntn = (g.N + gemm_bn - 1) / gemm_bn;
-  const int total = g.tile_offsets[g.E] * ntn;
+  // 64-bit tile counters: M-tiles x N-tiles may pass 2^31 at large token counts and widths.
+  const index_t total = static_cast<index_t>(g.tile_offsets[g.E]) * ntn;
   const T zero = from_float<T>(0.f);
 
-  for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
-    const int mt = tile / ntn, nt = tile % ntn;
+  for (index_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const int mt = static_cast<int>(tile / ntn), nt = static_cast<int>(tile % ntn);
     const int e = expert_of_tile(g.tile_offsets, g.E, mt);
     const int row0 = g.expert_offsets[e] + (mt - g.tile_offsets[e]) * gemm_bm;
     const int row_end = g.expert_offsets[e + 1];
@@ -300,7 +303,7 @@ __global__ void __launch_bounds__(gemm_threads) grouped_gemm_kernel(gemm_args<T>
       } else if constexpr (Stage == gemm_stage::first) {
         v = Act::template apply<float>(v);
       }
-      g.out[static_cast<index_t>(row) * g.N + col] = from_float<T>(v);
+      g.out[static_cast<index_t>(row) * g.N + col] = from_float_saturating<T>(v);  // fp16: no inf (common.cuh)
     }
     __syncthreads();  // Cs aliases the next tile's A/B tiles and row_src is rewritten
   }
@@ -329,7 +332,7 @@ template <class T, class Act>
 status run_experts(const T* x, index_t ldx, const layer_buffers& b, const expert_params<T>& w, index_t d, index_t n,
                    int E, int sm_count, cudaStream_t stream) noexcept {
   const index_t fn = width_factor<Act> * n;
-  const index_t m_tiles = max_m_tiles(b.items, E);
+  const index_t m_tiles = max_m_tiles(b.slot_capacity, E);  // rows never exceed the slot bound
   gemm_args<T> g1;
   g1.a = x;
   g1.lda = ldx;
@@ -361,6 +364,151 @@ status run_experts(const T* x, index_t ldx, const layer_buffers& b, const expert
   g2.vec = vector_loads_ok<T>(g2.a, g2.lda, g2.w, g2.w_expert_stride, g2.K);
   err = grouped_gemm<T, Act, gemm_stage::second>(g2, persistent_grid(m_tiles * n_tiles(d), sm_count), stream);
   if (err != cudaSuccess) return cuda_failure(err, "grouped GEMM 2 launch");
+  return {};
+}
+
+// --- backward (the CPU side's expert_backward) ----------------------------------------------------
+// Plain fp32 SIMT kernels, written for correctness and bitwise reproducibility first (docs/cuda.md:
+// what the tensor-core version will change): every sum runs in a fixed order, sorted rows of an
+// expert in ascending row order (the CPU's order), no atomics. Each launch size comes from host
+// bounds (slot capacity, layer shape); work past the device's real row count exits.
+
+inline constexpr int backward_threads = 256;
+
+/// Per sorted row r (one block each): g = w_s dy_t, pre = b1_e + x_t W1_e (recomputed in fp32: the
+/// forward keeps only the activation), dpost = g W2_e^T, dpre = act'(pre) dpost (in place of pre),
+/// dx_slot = dpre W1_e^T. Rows past the plan, and every row of a batch beyond the slot bound, exit.
+template <class T, class Act>
+__global__ void __launch_bounds__(backward_threads)
+    expert_row_backward_kernel(layer_buffers b, backward_buffers w, const T* __restrict__ x, index_t ldx,
+                               const T* __restrict__ dy, index_t ldy, expert_params<T> p, int d, int n, int E) {
+  const int r = static_cast<int>(blockIdx.x);
+  if (*b.slot_overflow != 0 || r >= b.expert_offsets[E]) return;
+  const int e = expert_of_tile(b.expert_offsets, E, r);  // largest e with expert_offsets[e] <= r
+  const index_t tok = b.sorted_token[r];
+  const float ws = b.slot_weight[b.sort_vals_out[r]];
+  const int fn = width_factor<Act> * n;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warps = backward_threads / 32;
+  float* g = w.g + static_cast<index_t>(r) * d;
+  float* dpost = w.dpost + static_cast<index_t>(r) * n;
+  float* dpre = w.dpre + static_cast<index_t>(r) * fn;
+  float* dxs = w.dx_slot + static_cast<index_t>(r) * d;
+  const T* xt = x + tok * ldx;
+  const T* w1 = p.w1 + static_cast<index_t>(e) * d * fn;  // column j of W1_e contiguous (j d + i)
+  const T* w2 = p.w2 + static_cast<index_t>(e) * n * d;   // W2_e^T row-major (c n + j)
+  for (int c = tid; c < d; c += backward_threads) g[c] = ws * to_float(dy[tok * ldy + c]);
+  for (int j = tid / 32; j < fn; j += warps) {  // one warp per column, lanes over d (coalesced)
+    float acc = 0.f;
+    for (int i = lane; i < d; i += 32) acc = fmaf(to_float(xt[i]), to_float(w1[static_cast<index_t>(j) * d + i]), acc);
+    acc = warp_sum(acc);
+    if (lane == 0) dpre[j] = acc + (p.b1 ? to_float(p.b1[static_cast<index_t>(e) * fn + j]) : 0.f);
+  }
+  __syncthreads();
+  for (int j = tid; j < n; j += backward_threads) {
+    float acc = 0.f;
+    for (int c = 0; c < d; ++c) acc = fmaf(g[c], to_float(w2[static_cast<index_t>(c) * n + j]), acc);
+    dpost[j] = acc;
+  }
+  __syncthreads();
+  for (int j = tid; j < n; j += backward_threads) {
+    if constexpr (Act::gated) {
+      using B = typename Act::base;
+      const float pg = dpre[j], pu = dpre[n + j];
+      dpre[j] = dpost[j] * pu * B::template derivative<float>(pg);
+      dpre[n + j] = dpost[j] * B::template apply<float>(pg);
+    } else {
+      dpre[j] = dpost[j] * Act::template derivative<float>(dpre[j]);
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < d; i += backward_threads) {
+    float acc = 0.f;
+    for (int j = 0; j < fn; ++j) acc = fmaf(dpre[j], to_float(w1[static_cast<index_t>(j) * d + i]), acc);
+    dxs[i] = acc;
+  }
+}
+
+/// Rows of expert e in sorted order, [begin, end); empty for a batch beyond the slot bound.
+__device__ __forceinline__ void expert_rows(const layer_buffers& b, int e, int& begin, int& end) {
+  begin = b.expert_offsets[e];
+  end = *b.slot_overflow != 0 ? begin : b.expert_offsets[e + 1];
+}
+
+/// Expert weight and bias gradients, one thread per gradient element, each a sum over the
+/// expert's rows in ascending sorted order (the same order for every run: bitwise reproducible).
+/// dW2_e^T[c, j] = sum_r post_r[j] g_r[c]; db2e[c] = sum_r g_r[c]; dW1_e^T[j, i] = sum_r dpre_r[j]
+/// x_r[i]; db1[j] = sum_r dpre_r[j]. Grid-stride over the E x (shape) elements.
+template <class T>
+__global__ void expert_weight_grad_kernel(layer_buffers b, backward_buffers w, const T* __restrict__ x, index_t ldx,
+                                          int d, int n, int fn, int E, float* __restrict__ gw1, float* __restrict__ gb1,
+                                          float* __restrict__ gw2, float* __restrict__ gb2e) {
+  const index_t per_w2 = static_cast<index_t>(d) * n, per_w1 = static_cast<index_t>(fn) * d;
+  const index_t n_w2 = E * per_w2, n_w1 = E * per_w1;
+  const index_t n_b2 = gb2e ? static_cast<index_t>(E) * d : 0, n_b1 = gb1 ? static_cast<index_t>(E) * fn : 0;
+  const index_t total = n_w2 + n_w1 + n_b2 + n_b1;
+  const T* post_all = reinterpret_cast<const T*>(b.hidden);
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+    int r0, r1;
+    float acc = 0.f;
+    if (idx < n_w2) {  // (e, c, j), j fastest: post rows coalesced, g broadcast
+      const int e = static_cast<int>(idx / per_w2);
+      const index_t k = idx % per_w2;
+      const int c = static_cast<int>(k / n), j = static_cast<int>(k % n);
+      expert_rows(b, e, r0, r1);
+      for (int r = r0; r < r1; ++r)
+        acc = fmaf(to_float(post_all[static_cast<index_t>(r) * n + j]), w.g[static_cast<index_t>(r) * d + c], acc);
+      gw2[idx] = acc;
+    } else if (idx < n_w2 + n_w1) {  // (e, j, i), i fastest: x rows coalesced
+      const index_t q = idx - n_w2;
+      const int e = static_cast<int>(q / per_w1);
+      const index_t k = q % per_w1;
+      const int j = static_cast<int>(k / d), i = static_cast<int>(k % d);
+      expert_rows(b, e, r0, r1);
+      for (int r = r0; r < r1; ++r)
+        acc = fmaf(w.dpre[static_cast<index_t>(r) * fn + j], to_float(x[b.sorted_token[r] * ldx + i]), acc);
+      gw1[q] = acc;
+    } else if (idx < n_w2 + n_w1 + n_b2) {
+      const index_t q = idx - n_w2 - n_w1;
+      const int e = static_cast<int>(q / d), c = static_cast<int>(q % d);
+      expert_rows(b, e, r0, r1);
+      for (int r = r0; r < r1; ++r) acc += w.g[static_cast<index_t>(r) * d + c];
+      gb2e[q] = acc;
+    } else {
+      const index_t q = idx - n_w2 - n_w1 - n_b2;
+      const int e = static_cast<int>(q / fn), j = static_cast<int>(q % fn);
+      expert_rows(b, e, r0, r1);
+      for (int r = r0; r < r1; ++r) acc += w.dpre[static_cast<index_t>(r) * fn + j];
+      gb1[q] = acc;
+    }
+  }
+}
+
+/// Fp32 gradients of the expert parameters, device pointers; null where the layer has no such bias.
+struct expert_grads {
+  float* w1 = nullptr;
+  float* b1 = nullptr;
+  float* w2 = nullptr;
+  float* b2e = nullptr;
+};
+
+/// Enqueues the expert backward: per-row products, then the weight gradients (which read them).
+template <class T, class Act>
+status expert_backward(const T* x, index_t ldx, const T* dy, index_t ldy, const layer_buffers& b,
+                       const backward_buffers& w, const expert_params<T>& p, const expert_grads& gr, index_t d,
+                       index_t n, int E, cudaStream_t stream) noexcept {
+  const index_t fn = width_factor<Act> * n;
+  if (b.slot_capacity > 0) {
+    expert_row_backward_kernel<T, Act><<<static_cast<unsigned>(b.slot_capacity), backward_threads, 0, stream>>>(
+        b, w, x, ldx, dy, ldy, p, static_cast<int>(d), static_cast<int>(n), E);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return cuda_failure(err, "expert_row_backward_kernel launch");
+  }
+  const index_t total = E * (d * n + fn * d + (gr.b2e ? d : 0) + (gr.b1 ? fn : 0));
+  expert_weight_grad_kernel<T><<<stride_grid(total, backward_threads), backward_threads, 0, stream>>>(
+      b, w, x, ldx, static_cast<int>(d), static_cast<int>(n), static_cast<int>(fn), E, gr.w1, gr.b1, gr.w2, gr.b2e);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return cuda_failure(err, "expert_weight_grad_kernel launch");
   return {};
 }
 

@@ -78,6 +78,12 @@ inline constexpr index_t blocks_for(index_t items, index_t threads) noexcept {
   return b > 0 ? b : 1;
 }
 
+/// Blocks of a grid-stride loop over `items` (capped; the loop covers the rest). At least 1.
+inline constexpr unsigned stride_grid(index_t items, index_t threads) noexcept {
+  const index_t b = blocks_for(items, threads);
+  return static_cast<unsigned>(b < 65535 * 16 ? b : 65535 * 16);
+}
+
 /// Largest token count a layer call accepts: device indices are int32, so tokens * max_k
 /// (and tokens * max(E, router hidden)) must stay below 2^31.
 inline constexpr bool fits_int32(index_t tokens, index_t per_token) noexcept {
@@ -152,19 +158,19 @@ struct layer_buffers {
   float* slot_weight = nullptr;               ///< (items) strided combine weights
   // public plan (compressed rows, the CPU backend's layout)
   index_t* token_offsets = nullptr;  ///< (tokens + 1)
-  std::int32_t* plan_expert = nullptr;  ///< (items)
-  float* plan_weight = nullptr;         ///< (items)
-  // dispatch
-  std::int32_t* sort_keys = nullptr;       ///< (items) expert id, or E for an unused slot
-  std::int32_t* sort_keys_out = nullptr;   ///< (items)
-  std::int32_t* sort_vals = nullptr;       ///< (items) strided slot index t max_k + i
-  std::int32_t* sort_vals_out = nullptr;   ///< (items) strided slot of each sorted row
-  std::int32_t* sorted_token = nullptr;    ///< (items) token of each sorted row
+  std::int32_t* plan_expert = nullptr;  ///< (slot_capacity)
+  float* plan_weight = nullptr;         ///< (slot_capacity)
+  // dispatch: the sort runs over slot_capacity entries (the slot bound), never tokens * E
+  std::int32_t* sort_keys = nullptr;       ///< (slot_capacity) expert id, or E past the plan
+  std::int32_t* sort_keys_out = nullptr;   ///< (slot_capacity)
+  std::int32_t* sort_vals = nullptr;       ///< (slot_capacity) strided slot index t max_k + i
+  std::int32_t* sort_vals_out = nullptr;   ///< (slot_capacity) strided slot of each sorted row
+  std::int32_t* sorted_token = nullptr;    ///< (slot_capacity) token of each sorted row
   std::int32_t* slot_row = nullptr;        ///< (items) sorted row of each strided slot
   std::int32_t* expert_offsets = nullptr;  ///< (E + 1) first sorted row of each expert
   std::int32_t* tile_offsets = nullptr;    ///< (E + 1) first M-tile of each expert
   std::int32_t* k_histogram = nullptr;     ///< (E + 1) statistics: tokens that ran k experts
-  // experts (last in the layout, so that every other offset is independent of slot_capacity)
+  // experts
   std::byte* hidden = nullptr;  ///< (slot_capacity, n) T: act(x W1 + b1) per sorted row
   std::byte* out = nullptr;     ///< (slot_capacity, d) T: expert output per sorted row (b2_e included)
   // CUB temporaries
@@ -176,9 +182,11 @@ struct layer_buffers {
 
 /// The one layout routine: with a measuring carver it gives the size, with a real base the
 /// pointers (so workspace_size and forward cannot disagree). CUB's temporary sizes come from the
-/// caller (they are asked of CUB on the host for exactly these item counts). `slots` bounds the
-/// rows of the expert activations (the bulk of the memory: n + d values per slot); negative
-/// means all tokens * max_k. Index buffers keep the strided tokens * max_k layout.
+/// caller (asked of CUB on the host for a sort of exactly `slots` entries). `slots` bounds the
+/// activation rows (n + d values of T each), the plan, and the sort and its index buffers
+/// (negative: all tokens * max_k); only the strided selection (slot_expert, slot_weight,
+/// slot_row: 12 bytes per token and possible slot) keeps tokens * max_k entries. Offsets of the
+/// error words, scores, counts and strided selection do not depend on `slots`.
 inline layer_buffers carve_layer(detail::carver& c, const layer_dims& dm, index_t tokens, std::size_t sort_temp_bytes,
                                  std::size_t scan_temp_bytes, index_t slots = -1) noexcept {
   layer_buffers b;
@@ -195,25 +203,77 @@ inline layer_buffers carve_layer(detail::carver& c, const layer_dims& dm, index_
   b.counts = c.take<std::int32_t>(tokens1);
   b.slot_expert = c.take<std::int32_t>(items);
   b.slot_weight = c.take<float>(items);
-  b.token_offsets = c.take<index_t>(tokens1);
-  b.plan_expert = c.take<std::int32_t>(items);
-  b.plan_weight = c.take<float>(items);
-  b.sort_keys = c.take<std::int32_t>(items);
-  b.sort_keys_out = c.take<std::int32_t>(items);
-  b.sort_vals = c.take<std::int32_t>(items);
-  b.sort_vals_out = c.take<std::int32_t>(items);
-  b.sorted_token = c.take<std::int32_t>(items);
   b.slot_row = c.take<std::int32_t>(items);
+  b.token_offsets = c.take<index_t>(tokens1);
   b.expert_offsets = c.take<std::int32_t>(dm.E + 1);
   b.tile_offsets = c.take<std::int32_t>(dm.E + 1);
   b.k_histogram = c.take<std::int32_t>(dm.E + 1);
+  b.slot_capacity = slots < 0 || slots > items ? items : slots;
+  const index_t cap = b.slot_capacity;
+  b.plan_expert = c.take<std::int32_t>(cap);
+  b.plan_weight = c.take<float>(cap);
+  b.sort_keys = c.take<std::int32_t>(cap);
+  b.sort_keys_out = c.take<std::int32_t>(cap);
+  b.sort_vals = c.take<std::int32_t>(cap);
+  b.sort_vals_out = c.take<std::int32_t>(cap);
+  b.sorted_token = c.take<std::int32_t>(cap);
   b.sort_temp_bytes = sort_temp_bytes;
   b.sort_temp = c.take<std::byte>(static_cast<index_t>(sort_temp_bytes));
   b.scan_temp_bytes = scan_temp_bytes;
   b.scan_temp = c.take<std::byte>(static_cast<index_t>(scan_temp_bytes));
+  b.hidden = c.take<std::byte>(c.mul(cap, dm.n, dm.storage_bytes));
+  b.out = c.take<std::byte>(c.mul(cap, dm.d, dm.storage_bytes));
+  return b;
+}
+
+/// Scratch of one backward (a second workspace, so that a forward-only caller does not pay for
+/// it), fp32 throughout. Rows follow the forward's sorted rows, so the capacity is the forward's
+/// slot_capacity (the slot bound), never tokens * E.
+struct backward_buffers {
+  index_t tokens = 0;
+  index_t slot_capacity = 0;
+  float* dweight = nullptr;    ///< (items) dL/dw_s per strided slot (0 for unused slots)
+  float* g = nullptr;          ///< (slot_capacity, d) w_s dy_t per sorted row
+  float* dpost = nullptr;      ///< (slot_capacity, n) dL/d act per sorted row
+  float* dpre = nullptr;       ///< (slot_capacity, f n) pre-activation, then dL/d pre in place
+  float* dx_slot = nullptr;    ///< (slot_capacity, d) dL/dx through each sorted row's expert
+  float* dx_router = nullptr;  ///< (tokens, d) the router's part of dL/dx
+  float* dscores = nullptr;    ///< (tokens, E) dL/dz (top_k), dL/dcos (top_any)
+  float* da = nullptr;         ///< (tokens, E) top_any: dL/da of fired slots (threshold gradient)
+  float* token_aux = nullptr;  ///< (tokens) logsumexp z (top_k), max(|x_t|, eps) (top_any)
+  float* token_sum = nullptr;  ///< (tokens) top_any: sum_e dcos_te cos_te
+  std::int32_t* fired = nullptr;         ///< (tokens) top_any: K_t, slots fired
+  std::int32_t* expert_count = nullptr;  ///< (E + 1) top_k: slots per expert; last entry top_any fired tokens
+  float* expert_tmp = nullptr;           ///< (4 E) lb gradient (top_k); me, ce, sw (top_any)
+  float* gram = nullptr;                 ///< (E, E) top_any: W^T W (diversity loss), else empty
+  float* scalar = nullptr;               ///< (1) top_any: the diversity loss
+};
+
+/// The backward scratch for `tokens` tokens whose forward held `slots` activation rows (the
+/// forward's slot_capacity). `gram`: top_any (the E x E diversity product). Same carver rules
+/// as carve_layer: checked products, one routine for size and pointers.
+inline backward_buffers carve_backward(detail::carver& c, const layer_dims& dm, index_t tokens, index_t slots,
+                                       bool gram) noexcept {
+  backward_buffers b;
+  const index_t items = c.mul(tokens, dm.max_k);
+  b.tokens = tokens;
   b.slot_capacity = slots < 0 || slots > items ? items : slots;
-  b.hidden = c.take<std::byte>(c.mul(b.slot_capacity, dm.n, dm.storage_bytes));
-  b.out = c.take<std::byte>(c.mul(b.slot_capacity, dm.d, dm.storage_bytes));
+  const index_t cap = b.slot_capacity;
+  b.dweight = c.take<float>(items);
+  b.g = c.take<float>(c.mul(cap, dm.d));
+  b.dpost = c.take<float>(c.mul(cap, dm.n));
+  b.dpre = c.take<float>(c.mul(cap, dm.f, dm.n));
+  b.dx_slot = c.take<float>(c.mul(cap, dm.d));
+  b.dx_router = c.take<float>(c.mul(tokens, dm.d));
+  b.dscores = c.take<float>(c.mul(tokens, dm.E));
+  b.da = c.take<float>(c.mul(tokens, dm.E));
+  b.token_aux = c.take<float>(tokens);
+  b.token_sum = c.take<float>(tokens);
+  b.fired = c.take<std::int32_t>(tokens);
+  b.expert_count = c.take<std::int32_t>(c.add(dm.E, 1));
+  b.expert_tmp = c.take<float>(c.mul(dm.E, 4));
+  b.gram = c.take<float>(gram ? c.mul(dm.E, dm.E) : 0);
+  b.scalar = c.take<float>(1);
   return b;
 }
 

@@ -36,6 +36,7 @@
 #include "../experts/expert_weights.hpp"
 #include "../layer/moe_layer.hpp"
 #include "../layer/spec.hpp"
+#include "../routing/aux_loss.hpp"
 #include "../routing/plan.hpp"
 #include "../routing/routers.hpp"
 #include "../routing/stats.hpp"
@@ -44,6 +45,7 @@
 #include "dispatch.cuh"
 #include "experts.cuh"
 #include "route.cuh"
+#include "route_backward.cuh"
 #include "stats.cuh"
 #include "weights.cuh"
 
@@ -135,24 +137,21 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
 
   /// Bytes of device workspace forward needs for up to b.max_tokens tokens (max_threads is
   /// ignored). b.max_slots (dynamic-k and top-any; 0 = tokens * max_k) bounds the rows of the
-  /// expert activations, the bulk of the memory; the index buffers keep tokens * max_k entries.
+  /// expert activations, the plan, the sort and its index buffers; only the strided selection
+  /// (12 bytes per token and possible slot) keeps tokens * max_k entries.
   /// Depends on max_k: call again after changing k or k_max. Returns 0 if the CUDA runtime
   /// cannot answer CUB's size query (no device); throws dmoe::error(invalid_argument) when
   /// tokens * max_k exceeds the backend's 32-bit indices or the size does not fit in size_t.
   std::size_t workspace_size(const workspace_bounds& b) const {
     throw_if_error(check_tokens("moe_layer<cuda>::workspace_size", b.max_tokens));
-    std::size_t sort_bytes = 0, scan_bytes = 0;
-    if (!detail::cuda_backend::cub_temp_bytes(b.max_tokens * max_k(), b.max_tokens, detail::cuda_backend::key_bits(num_experts()),
-                                     sort_bytes, scan_bytes)
-             .ok())
-      return 0;
-    detail::carver c;
-    const index_t slots = fixed_k || b.max_slots <= 0 ? -1 : b.max_slots;
-    detail::cuda_backend::carve_layer(c, dims(), b.max_tokens, sort_bytes, scan_bytes, slots);
-    if (c.overflowed())
+    const index_t items = b.max_tokens * max_k();
+    const index_t slots = fixed_k || b.max_slots <= 0 || b.max_slots > items ? items : b.max_slots;
+    std::size_t bytes = 0;
+    if (!layout_bytes(b.max_tokens, slots, bytes).ok()) return 0;
+    if (bytes == 0)
       detail::raisef(errc::invalid_argument, "moe_layer<cuda>::workspace_size: the workspace for %td tokens does not "
                      "fit in size_t", b.max_tokens);
-    return c.bytes();
+    return bytes;
   }
   std::size_t workspace_size(const context<cuda>&, index_t max_tokens) const {
     return workspace_size(workspace_bounds{max_tokens, 1});
@@ -173,6 +172,7 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   status forward(const context<cuda>& ctx, matrix_view<const T> x, matrix_view<T> y, workspace ws,
                  routing_stats* stats = nullptr) const noexcept {
     DMOE_TRY(check_io(x, y, stats));
+    DMOE_TRY(detail::cuda_backend::check_current_device(w_.device, "moe_layer<cuda>::forward"));
     const index_t tokens = x.rows;
     if (tokens == 0) {
       if (stats) stats->record(routing_plan<float>{0, num_experts(), nullptr, nullptr, nullptr}, flops_per_slot(), 0.0);
@@ -241,6 +241,146 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     return matrix_view<const float>(b.scores, tokens, num_experts());
   }
 
+  /// Gradients of every parameter in device memory, fp32 whatever T is (the CPU layer's
+  /// gradients, shaped like the parameters; null arrays where the layer has no such bias).
+  struct gradients {
+    device_array<float> w1, b1, w2, b2e, b2, router_w, router_b, router_w2;
+
+    /// Copies into the gradients of the CPU twin layer (cold path): waits for ctx.stream first,
+    /// so the copy sees a backward enqueued there on a non-blocking stream.
+    template <class CpuGradients>
+    void download_to(const context<cuda>& ctx, CpuGradients& g) const {
+      detail::cuda_backend::throw_on_cuda(cudaStreamSynchronize(ctx.stream), "gradients::download_to: cudaStreamSynchronize");
+      copy(w1, g.experts.w1_storage());
+      copy(b1, g.experts.b1_storage());
+      copy(w2, g.experts.w2_storage());
+      copy(b2e, g.experts.expert_bias_storage());
+      copy(b2, g.experts.output_bias_storage());
+      if constexpr (std::is_same_v<Policy, top_k>) {
+        copy(router_w, g.router.weight().data(), g.router.weight().size());
+        copy(router_b, g.router.bias().data(), g.router.bias().size());
+      } else if constexpr (std::is_same_v<Policy, dynamic_k>) {
+        copy(router_w, g.router.w_in().data(), g.router.w_in().size());
+        copy(router_w2, g.router.w_out().data(), g.router.w_out().size());
+      } else {
+        copy(router_w, g.router.weight().data(), g.router.weight().size());
+        copy(router_b, g.router.threshold().data(), g.router.threshold().size());
+      }
+    }
+
+   private:
+    static void copy(const device_array<float>& a, std::vector<float>& v) { copy(a, v.data(), static_cast<index_t>(v.size())); }
+    static void copy(const device_array<float>& a, float* dst, index_t count) {
+      if (static_cast<std::size_t>(count) != a.size())
+        detail::raisef(errc::invalid_argument, "moe_layer<cuda>::gradients::download_to: a tensor of %zu elements "
+                       "into one of %td (gradients of another shape)", a.size(), count);
+      const std::vector<float> h = a.download();
+      std::copy(h.begin(), h.end(), dst);
+    }
+  };
+
+  /// Gradient arrays of this layer's shape (cold path: allocates on the current device; backward
+  /// overwrites every element, so they are not cleared).
+  gradients make_gradients() const {
+    gradients g;
+    g.w1 = device_array<float>(w_.w1.size());
+    g.b1 = device_array<float>(w_.b1.size());
+    g.w2 = device_array<float>(w_.w2.size());
+    g.b2e = device_array<float>(w_.b2e.size());
+    g.b2 = device_array<float>(w_.b2.size());
+    g.router_w = device_array<float>(w_.router_w.size());
+    g.router_b = device_array<float>(w_.router_b.size());
+    g.router_w2 = device_array<float>(w_.router_w2.size());
+    return g;
+  }
+
+  /// Bytes of the backward's own scratch (the second workspace of backward) for these bounds:
+  /// the same bounds as the forward's workspace_size, so that its rows match the forward's slot
+  /// capacity (max_slots for dynamic-k and top-any). fp32 per activation row: 2 d + n + f n.
+  std::size_t backward_workspace_size(const workspace_bounds& bw) const {
+    throw_if_error(check_tokens("moe_layer<cuda>::backward_workspace_size", bw.max_tokens));
+    detail::carver c;
+    const index_t slots = fixed_k || bw.max_slots <= 0 ? -1 : bw.max_slots;
+    detail::cuda_backend::carve_backward(c, dims(), bw.max_tokens, slots, std::is_same_v<Policy, top_any>);
+    if (c.overflowed())
+      detail::raisef(errc::invalid_argument, "moe_layer<cuda>::backward_workspace_size: the scratch for %td tokens "
+                     "does not fit in size_t", bw.max_tokens);
+    return c.bytes();
+  }
+
+  /// Backward of the last forward on ctx.stream, as the CPU layer defines it (cpu/moe_layer.hpp):
+  /// overwrites `grads` (fp32) and `dx` (T) with dL/dparams and dL/dx for L = <dy, y> (+ sum_i
+  /// aux_i * aux loss_i when `aux` is given). Enqueued only: no allocation, no host
+  /// synchronisation, capturable in a CUDA graph; every float sum in a fixed order, so the result
+  /// is bitwise reproducible.
+  /// \param x, ws the input and workspace of that forward, unchanged since (ws holds its plan,
+  ///        scores and activations; the device has them once the stream reaches this call). A
+  ///        batch the forward refused on the device (beyond the slot bound) gives zero expert
+  ///        gradients, as its y was b2.
+  /// \param bws at least backward_workspace_size(bounds of that forward) bytes of scratch.
+  status backward(const context<cuda>& ctx, matrix_view<const T> x, matrix_view<const T> dy, matrix_view<T> dx,
+                  gradients& grads, workspace ws, workspace bws, const aux_losses* aux = nullptr) const noexcept {
+    DMOE_TRY(spec::check_backward("moe_layer<cuda>::backward", cfg_, x, dy, dx));
+    DMOE_TRY(check_tokens("moe_layer<cuda>::backward", x.rows));
+    DMOE_TRY(check_gradients(grads));
+    if (aux) DMOE_TRY(check_aux_weights(*aux));
+    DMOE_TRY(detail::cuda_backend::check_current_device(w_.device, "moe_layer<cuda>::backward"));
+    const index_t tokens = x.rows;
+    cudaStream_t stream = ctx.stream;
+    detail::cuda_backend::layer_buffers b;
+    if (tokens > 0) DMOE_TRY(buffers(ws, tokens, b, true));
+    detail::cuda_backend::backward_buffers w;
+    {
+      detail::carver m;
+      detail::cuda_backend::carve_backward(m, dims(), tokens, tokens > 0 ? b.slot_capacity : 0, std::is_same_v<Policy, top_any>);
+      if (bws.data == nullptr || bws.bytes < m.bytes())
+        return status::failure(errc::workspace_too_small,
+                               "moe_layer<cuda>::backward: scratch workspace has %zu bytes at %p, %td tokens need %zu "
+                               "(backward_workspace_size)",
+                               bws.bytes, bws.data, tokens, m.bytes());
+      detail::carver c(detail::carver::align(bws.data));
+      w = detail::cuda_backend::carve_backward(c, dims(), tokens, tokens > 0 ? b.slot_capacity : 0,
+                                               std::is_same_v<Policy, top_any>);
+    }
+    const int E = static_cast<int>(num_experts()), mk = static_cast<int>(max_k());
+    const index_t d = cfg_.d_model;
+    cudaError_t err = cudaSuccess;
+    const detail::cuda_backend::expert_grads eg{grads.w1.data(), grads.b1.empty() ? nullptr : grads.b1.data(), grads.w2.data(),
+                                                grads.b2e.empty() ? nullptr : grads.b2e.data()};
+    if (tokens == 0) {  // expert gradients are sums over no rows; top_any's parameter-only terms remain
+      for (auto* a : {&grads.w1, &grads.b1, &grads.w2, &grads.b2e, &grads.b2})
+        if (!a->empty() && (err = cudaMemsetAsync(a->data(), 0, a->size() * sizeof(float), stream)) != cudaSuccess)
+          return detail::cuda_backend::cuda_failure(err, "moe_layer<cuda>::backward: cudaMemsetAsync");
+    } else {
+      // combine backward: dL/dw_s per slot
+      detail::cuda_backend::slot_weight_grad_kernel<T><<<static_cast<unsigned>(tokens), detail::cuda_backend::combine_threads, 0, stream>>>(
+          b, reinterpret_cast<const T*>(b.out), dy.data, dy.row_stride, static_cast<int>(d), mk, w.dweight);
+      DMOE_TRY(detail::cuda_backend::launch_check("slot_weight_grad_kernel launch"));
+      // experts
+      DMOE_TRY((detail::cuda_backend::expert_backward<T, Activation>(x.data, x.row_stride, dy.data, dy.row_stride, b, w,
+                                                                    w_.experts(), eg, d, expert_width(), E, stream)));
+    }
+    // router (and its part of dx)
+    const detail::cuda_backend::router_grads rg{grads.router_w.empty() ? nullptr : grads.router_w.data(),
+                                                grads.router_b.empty() ? nullptr : grads.router_b.data(),
+                                                grads.router_w2.empty() ? nullptr : grads.router_w2.data(),
+                                                static_cast<index_t>(grads.router_w.size()),
+                                                static_cast<index_t>(grads.router_b.size()),
+                                                static_cast<index_t>(grads.router_w2.size())};
+    DMOE_TRY((detail::cuda_backend::route_backward<Policy, T>(x.data, x.row_stride, d, num_experts(), max_k(), opt_,
+                                                               w_.router(), b, w, aux, rg, stream)));
+    if (tokens == 0) return {};
+    detail::cuda_backend::input_grad_kernel<T><<<static_cast<unsigned>(tokens), detail::cuda_backend::combine_threads, 0, stream>>>(
+        b, w, dx.data, dx.row_stride, static_cast<int>(d), mk);
+    DMOE_TRY(detail::cuda_backend::launch_check("input_grad_kernel launch"));
+    if (!grads.b2.empty()) {
+      detail::cuda_backend::output_bias_grad_kernel<T><<<static_cast<unsigned>(detail::cuda_backend::blocks_for(d, 256)), 256, 0, stream>>>(
+          dy.data, dy.row_stride, tokens, static_cast<int>(d), grads.b2.data());
+      DMOE_TRY(detail::cuda_backend::launch_check("output_bias_grad_kernel launch"));
+    }
+    return {};
+  }
+
  private:
   using experts_extent = detail::extent_value<Experts>;
   using width_extent = detail::extent_value<Width>;
@@ -264,34 +404,47 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
   /// device refuses a batch that needs more), the same count for the forward and for the calls
   /// that read its results. A forward of top-k needs all tokens * k rows; reading results (plan,
   /// scores, the error flags, whose offsets do not depend on the rows) needs only the rest.
-  status buffers(workspace ws, index_t tokens, detail::cuda_backend::layer_buffers& b, bool forward = false) const noexcept {
+  /// Bytes of the layout for `tokens` tokens and `slots` activation rows, CUB's temporaries asked
+  /// for a sort of `slots` entries; 0 when the size overflows.
+  status layout_bytes(index_t tokens, index_t slots, std::size_t& bytes) const noexcept {
     std::size_t sort_bytes = 0, scan_bytes = 0;
-    DMOE_TRY(detail::cuda_backend::cub_temp_bytes(tokens * max_k(), tokens, detail::cuda_backend::key_bits(num_experts()), sort_bytes,
-                                         scan_bytes));
-    const auto dm = dims();
-    const auto size_for = [&](index_t slots) {
-      detail::carver m;
-      detail::cuda_backend::carve_layer(m, dm, tokens, sort_bytes, scan_bytes, slots);
-      return m.bytes();
-    };
+    DMOE_TRY(detail::cuda_backend::cub_temp_bytes(slots, tokens, detail::cuda_backend::key_bits(num_experts()), sort_bytes,
+                                                  scan_bytes));
+    detail::carver m;
+    detail::cuda_backend::carve_layer(m, dims(), tokens, sort_bytes, scan_bytes, slots);
+    bytes = m.overflowed() ? 0 : m.bytes();
+    return {};
+  }
+
+  status buffers(workspace ws, index_t tokens, detail::cuda_backend::layer_buffers& b, bool forward = false) const noexcept {
     const index_t items = tokens * max_k();
-    const std::size_t full = size_for(items), least = forward && fixed_k ? full : size_for(0);
-    if (ws.data == nullptr || ws.bytes < least)
-      return status::failure(errc::workspace_too_small,
-                             "moe_layer<cuda>::forward: workspace has %zu bytes at %p, %td tokens need %zu "
-                             "(workspace_size)",
-                             ws.bytes, ws.data, tokens, full);
+    const int bits = detail::cuda_backend::key_bits(num_experts());
+    std::size_t sort_bytes = 0, scan_bytes = 0;
+    DMOE_TRY(detail::cuda_backend::cub_temp_bytes(items, tokens, bits, sort_bytes, scan_bytes));
+    detail::carver m;
+    detail::cuda_backend::carve_layer(m, dims(), tokens, sort_bytes, scan_bytes, items);
+    const std::size_t full = m.overflowed() ? 0 : m.bytes();
     index_t slots = items;
-    if (ws.bytes < full) {  // largest row count that fits: the size grows with it
-      index_t lo = 0, hi = items;
+    if (ws.data == nullptr || full == 0 || ws.bytes < full) {  // one CUB size query when the workspace is full-size
+      std::size_t least = 0;
+      DMOE_TRY(layout_bytes(tokens, 0, least));
+      if (ws.data == nullptr || least == 0 || ws.bytes < least || (forward && fixed_k))
+        return status::failure(errc::workspace_too_small,
+                               "moe_layer<cuda>::forward: workspace has %zu bytes at %p, %td tokens need %zu "
+                               "(workspace_size)",
+                               ws.bytes, ws.data, tokens, full);
+      index_t lo = 0, hi = items;  // largest row count that fits: the size grows with it
       while (hi - lo > 1) {
         const index_t mid = lo + (hi - lo) / 2;
-        (size_for(mid) <= ws.bytes ? lo : hi) = mid;
+        std::size_t need = 0;
+        DMOE_TRY(layout_bytes(tokens, mid, need));
+        (need != 0 && need <= ws.bytes ? lo : hi) = mid;
       }
       slots = lo;
+      DMOE_TRY(detail::cuda_backend::cub_temp_bytes(slots, tokens, bits, sort_bytes, scan_bytes));
     }
     detail::carver c(detail::carver::align(ws.data));
-    b = detail::cuda_backend::carve_layer(c, dm, tokens, sort_bytes, scan_bytes, slots);
+    b = detail::cuda_backend::carve_layer(c, dims(), tokens, sort_bytes, scan_bytes, slots);
     return {};
   }
 
@@ -327,6 +480,20 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
 
 
   static constexpr bool fixed_k = detail::fixed_k_v<Policy>;
+
+  status check_gradients(const gradients& g) const noexcept {
+    const std::size_t have[] = {g.w1.size(), g.b1.size(), g.w2.size(), g.b2e.size(), g.b2.size(),
+                                g.router_w.size(), g.router_b.size(), g.router_w2.size()};
+    const std::size_t want[] = {w_.w1.size(), w_.b1.size(), w_.w2.size(), w_.b2e.size(), w_.b2.size(),
+                                w_.router_w.size(), w_.router_b.size(), w_.router_w2.size()};
+    for (int i = 0; i < 8; ++i)
+      if (have[i] != want[i])
+        return status::failure(errc::invalid_argument,
+                               "moe_layer<cuda>::backward: grads tensor %d has %zu elements, the layer's %zu (make "
+                               "them with make_gradients())",
+                               i, have[i], want[i]);
+    return {};
+  }
 
   moe_config cfg_;
   options_type opt_{};

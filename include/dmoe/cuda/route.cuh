@@ -130,12 +130,7 @@ __global__ void __launch_bounds__(select_warps * 32)
     c = static_cast<int>(cnt);
     b.counts[t] = c;
   }
-  c = __shfl_sync(0xffffffffu, c, 0);
-  __syncwarp();
-  for (int i = lane; i < p.max_k; i += 32) {
-    b.sort_keys[base + i] = i < c ? b.slot_expert[base + i] : p.E;
-    b.sort_vals[base + i] = static_cast<std::int32_t>(base + i);
-  }
+  (void)c;  // the sort's input is built from the compacted plan (dispatch.cuh sort_input_kernel)
 }
 
 /// A layer's router parameters on the device (fp32), whichever the policy uses.
@@ -204,6 +199,7 @@ __global__ void compact_plan_kernel(layer_buffers b, int max_k) {
   const index_t t = j / max_k, i = j % max_k;
   if (i >= b.counts[t]) return;
   const index_t dst = b.token_offsets[t] + i;
+  if (dst >= b.slot_capacity) return;  // beyond the slot bound: the batch is refused (slot_bound_kernel)
   b.plan_expert[dst] = b.slot_expert[j];
   b.plan_weight[dst] = b.slot_weight[j];
 }

@@ -52,6 +52,7 @@ struct device_weights {
   device_array<std::uint8_t> active;
   index_t num_active = 0;
   index_t router_hidden = 0;
+  int device = 0;  ///< the device the arrays live on (current at allocate)
 
   /// Zero weights of configuration c (cudaMalloc does not clear); top-any: all slots active, unit
   /// norm floor. Sizes in checked arithmetic (layer_spec::checked_config bounded E d f n already;
@@ -62,6 +63,7 @@ struct device_weights {
     };
     const index_t d = c.d_model, E = c.num_experts, n = c.expert_width, fn = width_factor<Activation> * n;
     router_hidden = std::is_same_v<Policy, dynamic_k> ? c.router_hidden : 0;
+    throw_on_cuda(cudaGetDevice(&device), "moe_layer<cuda>: cudaGetDevice");
     w1 = device_array<T>(sz("moe_layer<cuda>: w1", E, d, fn));
     b1 = device_array<T>(c.hidden_bias ? sz("moe_layer<cuda>: b1", E, fn) : 0);
     w2 = device_array<T>(sz("moe_layer<cuda>: w2", E, n, d));
@@ -80,17 +82,15 @@ struct device_weights {
       active = device_array<std::uint8_t>(static_cast<std::size_t>(E));
       num_active = E;
     }
-    for (auto* a : {&w1, &b1, &w2, &b2e, &b2})
-      if (!a->empty()) throw_on_cuda(cudaMemset(a->data(), 0, a->size() * sizeof(T)), "cudaMemset");
+    for (auto* a : {&w1, &b1, &w2, &b2e, &b2}) zero_bytes(a->data(), a->size() * sizeof(T), "moe_layer<cuda>: cudaMemsetAsync");
     for (auto* a : {&router_w, &router_b, &router_w2})
-      if (!a->empty()) throw_on_cuda(cudaMemset(a->data(), 0, a->size() * sizeof(float)), "cudaMemset");
+      zero_bytes(a->data(), a->size() * sizeof(float), "moe_layer<cuda>: cudaMemsetAsync");
     if constexpr (std::is_same_v<Policy, top_any>) {
       expert_norm.upload(std::vector<float>(static_cast<std::size_t>(E), top_any_router<float>::norm_eps));
       active.upload(std::vector<std::uint8_t>(static_cast<std::size_t>(E), std::uint8_t{1}));
     }
-    // cudaMemset may return before the device has written: wait, so that a forward on a stream
-    // not ordered after the default stream (cudaStreamNonBlocking) sees the zeros.
-    throw_on_cuda(cudaStreamSynchronize(nullptr), "moe_layer<cuda>: cudaStreamSynchronize");
+    // zero_bytes, upload and fill_uniform wait for their private streams: a forward on any stream
+    // issued afterwards sees the values.
   }
 
   /// Uploads host experts (rounded to T) and router (fp32); the shapes were checked by the caller.
@@ -131,9 +131,9 @@ struct device_weights {
     if constexpr (std::is_same_v<Policy, dynamic_k>)
       fill_uniform(router_w2.data(), router_w2.size(), seed ^ 0x7ull, 1.f / std::sqrt(float(c.router_hidden)));
     if constexpr (std::is_same_v<Policy, top_k>)
-      throw_on_cuda(cudaMemset(router_b.data(), 0, router_b.size() * sizeof(float)), "cudaMemset");
+      zero_bytes(router_b.data(), router_b.size() * sizeof(float), "moe_layer<cuda>::randomize: cudaMemsetAsync");
     if constexpr (std::is_same_v<Policy, top_any>) {
-      throw_on_cuda(cudaMemset(router_b.data(), 0, router_b.size() * sizeof(float)), "cudaMemset");
+      zero_bytes(router_b.data(), router_b.size() * sizeof(float), "moe_layer<cuda>::randomize: cudaMemsetAsync");
       const std::vector<float> w = router_w.download();  // (d, E) column-major: small
       std::vector<float> norms(static_cast<std::size_t>(c.num_experts));
       for (index_t e = 0; e < c.num_experts; ++e) {
@@ -148,8 +148,6 @@ struct device_weights {
       active.upload(std::vector<std::uint8_t>(norms.size(), std::uint8_t{1}));
       num_active = c.num_experts;
     }
-    // The router-bias cudaMemset may still be in flight (see allocate()).
-    throw_on_cuda(cudaStreamSynchronize(nullptr), "moe_layer<cuda>::randomize: cudaStreamSynchronize");
   }
 
   expert_params<T> experts() const noexcept {

@@ -135,7 +135,11 @@ TEST_SUITE("cuda_host") {
           {b.counts, 4 * std::size_t(tokens + 1)},
           {b.slot_expert, 4 * std::size_t(items)},
           {b.slot_weight, 4 * std::size_t(items)},
+          {b.slot_row, 4 * std::size_t(items)},
           {b.token_offsets, sizeof(index_t) * std::size_t(tokens + 1)},
+          {b.expert_offsets, 4 * std::size_t(dm.E + 1)},
+          {b.tile_offsets, 4 * std::size_t(dm.E + 1)},
+          {b.k_histogram, 4 * std::size_t(dm.E + 1)},
           {b.plan_expert, 4 * std::size_t(items)},
           {b.plan_weight, 4 * std::size_t(items)},
           {b.sort_keys, 4 * std::size_t(items)},
@@ -143,10 +147,6 @@ TEST_SUITE("cuda_host") {
           {b.sort_vals, 4 * std::size_t(items)},
           {b.sort_vals_out, 4 * std::size_t(items)},
           {b.sorted_token, 4 * std::size_t(items)},
-          {b.slot_row, 4 * std::size_t(items)},
-          {b.expert_offsets, 4 * std::size_t(dm.E + 1)},
-          {b.tile_offsets, 4 * std::size_t(dm.E + 1)},
-          {b.k_histogram, 4 * std::size_t(dm.E + 1)},
           {b.sort_temp, sort_b},
           {b.scan_temp, scan_b},
           {b.hidden, st * std::size_t(items * dm.n)},
@@ -167,8 +167,9 @@ TEST_SUITE("cuda_host") {
       dmoe::detail::carver bigger;
       cd::carve_layer(bigger, dm, tokens + 1, sort_b, scan_b);
       CHECK(bigger.bytes() >= bytes);
-      // A slot bound shrinks only the activation rows (the layout's last two buffers): every
-      // other pointer is where it was, and the size drops by the rows left out.
+      // A slot bound shrinks the activation rows, the plan and the sort (everything after the
+      // strided selection and the offsets): those pointers stay where they were, and the size
+      // drops by the rows left out, (n + d) values of T and 7 int32/float entries each.
       const index_t slots = g.integer(0, int(items));
       dmoe::detail::carver cs(base);
       const cd::layer_buffers bs = cd::carve_layer(cs, dm, tokens, sort_b, scan_b, slots);
@@ -176,13 +177,64 @@ TEST_SUITE("cuda_host") {
       CHECK(bs.error_token == b.error_token);
       CHECK(bs.scores == b.scores);
       CHECK(bs.slot_row == b.slot_row);
-      CHECK(bs.scan_temp == b.scan_temp);
-      CHECK(bs.hidden == b.hidden);
+      CHECK(bs.token_offsets == b.token_offsets);
+      CHECK(bs.k_histogram == b.k_histogram);
+      CHECK(bs.plan_expert == b.plan_expert);
       dmoe::detail::carver ms;
       cd::carve_layer(ms, dm, tokens, sort_b, scan_b, slots);
-      const std::size_t saved = st * std::size_t((items - slots) * (dm.n + dm.d));
-      CHECK(ms.bytes() <= bytes - saved + 2 * dmoe::detail::workspace_alignment);
-      CHECK(ms.bytes() + saved <= bytes + 2 * dmoe::detail::workspace_alignment);
+      const std::size_t saved = std::size_t(items - slots) * (st * std::size_t(dm.n + dm.d) + 7 * 4);
+      CHECK(ms.bytes() <= bytes - saved + 10 * dmoe::detail::workspace_alignment);
+      CHECK(ms.bytes() + saved <= bytes + 10 * dmoe::detail::workspace_alignment);
+    }
+  }
+
+  TEST_CASE("backward scratch layout: aligned, disjoint, rows bounded by the forward's slot capacity") {
+    dmoe_testing::splitmix g(9, 3, 1);
+    for (int trial = 0; trial < 200; ++trial) {
+      cd::layer_dims dm;
+      dm.d = g.integer(1, 300);
+      dm.E = g.integer(1, 64);
+      dm.n = g.integer(1, 200);
+      dm.f = g.integer(1, 2);
+      dm.max_k = g.integer(1, int(dm.E));
+      const index_t tokens = g.integer(0, 500), items = tokens * dm.max_k;
+      const index_t slots = g.coin() ? -1 : g.integer(0, int(items));
+      const bool gram = g.coin();
+      dmoe::detail::carver measure;
+      cd::carve_backward(measure, dm, tokens, slots, gram);
+      std::vector<unsigned char> mem(measure.bytes() + 1);
+      void* base = dmoe::detail::carver::align(mem.data() + 1);
+      dmoe::detail::carver c(base);
+      const cd::backward_buffers b = cd::carve_backward(c, dm, tokens, slots, gram);
+      const index_t cap = slots < 0 ? items : slots;
+      CHECK(b.slot_capacity == cap);
+      CHECK(b.tokens == tokens);
+      struct span { const void* p; std::size_t n; };
+      const auto f4 = [](index_t k) { return 4 * std::size_t(k); };
+      const std::vector<span> spans = {{b.dweight, f4(items)},           {b.g, f4(cap * dm.d)},
+                                       {b.dpost, f4(cap * dm.n)},        {b.dpre, f4(cap * dm.f * dm.n)},
+                                       {b.dx_slot, f4(cap * dm.d)},      {b.dx_router, f4(tokens * dm.d)},
+                                       {b.dscores, f4(tokens * dm.E)},   {b.da, f4(tokens * dm.E)},
+                                       {b.token_aux, f4(tokens)},        {b.token_sum, f4(tokens)},
+                                       {b.fired, f4(tokens)},            {b.expert_count, f4(dm.E + 1)},
+                                       {b.expert_tmp, f4(4 * dm.E)},     {b.gram, f4(gram ? dm.E * dm.E : 0)},
+                                       {b.scalar, 4}};
+      const auto* lo = mem.data();
+      const auto* hi = mem.data() + mem.size();
+      for (std::size_t i = 0; i < spans.size(); ++i) {
+        const auto* p = static_cast<const unsigned char*>(spans[i].p);
+        CHECK(reinterpret_cast<std::uintptr_t>(p) % dmoe::detail::workspace_alignment == 0);
+        CHECK(p >= lo);
+        CHECK(p + spans[i].n <= hi);
+        if (i + 1 < spans.size()) CHECK(p + spans[i].n <= static_cast<const unsigned char*>(spans[i + 1].p));
+      }
+      // The per-row buffers scale with the slot capacity, not with tokens * max_k: a bound of
+      // `cap` rows costs (2 d + n + f n) floats per row and no more.
+      dmoe::detail::carver none;
+      cd::carve_backward(none, dm, tokens, 0, gram);
+      const std::size_t per_row = 4 * std::size_t(2 * dm.d + dm.n + dm.f * dm.n);
+      CHECK(measure.bytes() <= none.bytes() + per_row * std::size_t(cap) + 4 * dmoe::detail::workspace_alignment);
+      CHECK(measure.bytes() + 4 * dmoe::detail::workspace_alignment >= none.bytes() + per_row * std::size_t(cap));
     }
   }
 
