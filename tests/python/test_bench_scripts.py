@@ -1,0 +1,77 @@
+# SPDX-License-Identifier: MIT
+"""Smoke runs of the Python benchmarks in bench/python (docs/python.md, "Benchmarks"): a tiny
+shape, a few repetitions, so that CI keeps the scripts, their C++ program and their
+same-function checks working. No timing is asserted (the figures of a smoke run mean nothing)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench" / "python"
+
+
+def run(script, *args, timeout=900):
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{script} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def table_rows(out):
+    return [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| tokens")]
+
+
+def test_bench_binding_smoke(tmp_path):
+    out_json = tmp_path / "binding.json"
+    # Builds the C++ program in build/bench_python (as a real run does; incremental afterwards).
+    out = run("bench_binding.py", "--shape", "32,4,8,2", "--tokens", "1,5", "--threads", "1,2", "--rounds", "1",
+              "--repetitions", "2", "--min-time", "0.005", "--json", str(out_json))
+    data = json.loads(out_json.read_text())
+    calls = {"cpp_forward", "cpp_forward_nostats", "numpy, out=y", "numpy", "torch, out=y", "dmoe.torch.MoE"}
+    cases = {(r["tokens"], r["threads"], r["call"]) for r in data["rows"]}
+    assert cases == {(t, th, c) for t in (1, 5) for th in (1, 2) for c in calls}
+    assert len(table_rows(out)) == len(cases)
+    for r in data["rows"]:
+        assert r["wall_us"] > 0 and r["samples"] >= 2
+        assert (r["overhead_wall_us"] is None) == r["call"].startswith("cpp")
+        assert (r["cpu_us"] is None) == (r["threads"] != 1)
+        assert r["f"] == pytest.approx(2 / 4)
+
+
+def test_bench_train_step_smoke(tmp_path):
+    out_json = tmp_path / "train.json"
+    out = run("bench_train_step.py", "--shape", "24,6,8,2", "--tokens", "20", "--threads", "1", "--steps", "3",
+              "--block", "2", "--warmup", "1", "--json", str(out_json))
+    data = json.loads(out_json.read_text())
+    # one thread only: on a loaded CI machine torch's 2-thread steps are slow, and the script's
+    # thread handling is the same for every count
+    assert [r["threads"] for r in data["rows"]] == [1]
+    assert len(table_rows(out)) == 1
+    for lab in ("small", "benchmark"):
+        # the script refuses to time two implementations that differ; its checks ran and passed
+        assert data["checks"][lab] and max(data["checks"][lab].values()) <= 1e-4
+        assert {"y", "dx", "grad w1", "grad w2", "grad router_weight", "y after AdamW step"} <= set(data["checks"][lab])
+    for r in data["rows"]:
+        assert r["dmoe_ms"] > 0 and r["torch_ms"] > 0
+        assert all(len(s) == 3 for s in r["samples"].values())
+        assert r["f"] == pytest.approx(2 / 6)
+
+
+def test_bench_train_step_check_detects_a_different_function(monkeypatch):
+    """The same-function check must be able to fail: a loop that does not renormalize the top-k
+    weights computes another function and must be caught."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_train_step as bts
+
+    orig = bts.LoopMoE.__init__
+
+    def wrong_init(self, src):
+        orig(self, src)
+        self.renormalize = not self.renormalize
+
+    monkeypatch.setattr(bts.LoopMoE, "__init__", wrong_init)
+    _, bad = bts.check_same_function(12, 6, 5, 2, 37, threads=1, tol=1e-4)
+    assert "y" in bad and "dx" in bad
