@@ -34,7 +34,7 @@ void loss_rows(const rowsf& y, const rowsf& target, index_t N, std::vector<doubl
   for (index_t t = 0; t < y.rows(); ++t) {  // a plain loop: Eigen's reductions' order depends on alignment
     double sq = 0;
     for (index_t j = 0; j < y.cols(); ++j) sq += double(y(t, j) - target(t, j)) * double(y(t, j) - target(t, j));
-    loss[std::size_t(t)] = 0.5 * sq / double(N);
+    loss[static_cast<std::size_t>(t)] = 0.5 * sq / double(N);
   }
 }
 double sum_in_order(const std::vector<double>& v) {
@@ -75,8 +75,8 @@ int main(int argc, char** argv) {
     }
     std::vector<int> rows(static_cast<std::size_t>(R)), at(static_cast<std::size_t>(R));
     for (int r = 0; r < R; ++r) {
-      at[std::size_t(r)] = int(N * r / R);
-      rows[std::size_t(r)] = int(N * (r + 1) / R) - at[std::size_t(r)];
+      at[static_cast<std::size_t>(r)] = int(N * r / R);
+      rows[static_cast<std::size_t>(r)] = int(N * (r + 1) / R) - at[static_cast<std::size_t>(r)];
     }
     const index_t row0 = at[std::size_t(me)], mine = rows[std::size_t(me)];
     const rowsf x = X.middleRows(row0, mine), target = T.middleRows(row0, mine);
@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
     sgd<float> ep_opt(ep.parameters(), opt);
     std::vector<double> ep_curve, sp_curve;
     rowsf y(mine, d), dy, dx(mine, d);
-    std::vector<double> loss, all_loss(std::size_t(N));
+    std::vector<double> loss, all_loss(static_cast<std::size_t>(N));
     const context<cpu> one_thread{};
     for (int s = 0; s < steps; ++s) {
       throw_if_error(ep.forward(one_thread, x, y));
@@ -115,9 +115,9 @@ int main(int argc, char** argv) {
       int same = 0;
       std::printf("step  %d ranks x 1 thread     1 rank x 2 threads   bitwise\n", R);
       for (int s = 0; s < steps; ++s) {
-        const bool eq = std::memcmp(&ep_curve[std::size_t(s)], &sp_curve[std::size_t(s)], sizeof(double)) == 0;
+        const bool eq = std::memcmp(&ep_curve[static_cast<std::size_t>(s)], &sp_curve[static_cast<std::size_t>(s)], sizeof(double)) == 0;
         same += eq;
-        std::printf("%4d  %.17g  %.17g  %s\n", s, ep_curve[std::size_t(s)], sp_curve[std::size_t(s)], eq ? "=" : "DIFFERS");
+        std::printf("%4d  %.17g  %.17g  %s\n", s, ep_curve[static_cast<std::size_t>(s)], sp_curve[static_cast<std::size_t>(s)], eq ? "=" : "DIFFERS");
       }
       const bool fell = ep_curve.back() < 0.5 * ep_curve.front();
       std::printf("%s; loss %s (%.4g -> %.4g)\n",

@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 
 #include <benchmark/benchmark.h>
 
@@ -43,7 +44,10 @@ class timed_communicator final : public dmoe::communicator {
     seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return st;
   }
-  [[noreturn]] void abort(const char* m) noexcept override { c_.abort(m); }
+  [[noreturn]] void abort(const char* m) noexcept override {
+    c_.abort(m);
+    std::abort();  // c_.abort does not return; a virtual call is not known to be noreturn
+  }
   double seconds = 0;
 
  private:
