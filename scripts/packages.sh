@@ -3,7 +3,9 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: installs the Debian packages dmoe needs when
 # one is missing (apt-get, with sudo when not root). Usage: ensure_packages NAME
 # libopenblas-dev: the OpenBLAS peers of the benchmarks (bench/bench_peers.hpp; optional in CMake).
-packages=(cmake make g++ libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev libopenblas-dev)
+# libopenmpi-dev, openmpi-bin: expert parallelism over MPI (dmoe::mpi; tests/mpi, label mpi, run by
+# mpirun as root with --allow-run-as-root; optional in CMake, so installed here to keep CI running them).
+packages=(cmake make g++ libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev libopenblas-dev libopenmpi-dev openmpi-bin)
 
 ensure_packages() {
   if ! command -v dpkg-query >/dev/null 2>&1; then

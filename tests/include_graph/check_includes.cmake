@@ -23,6 +23,7 @@ set(allowed_adapt "core;detail;routing")
 set(allowed_convert "core;detail;experts;routing;layer;cpu;train;convert/detail")
 set(allowed_convert/detail "core;detail")
 set(allowed_io "core;detail;experts;routing;layer;cpu")
+set(allowed_parallel "core;detail;experts;routing;layer;cpu")
 
 set(base "${ROOT}/dmoe")
 file(GLOB_RECURSE files RELATIVE "${base}" "${base}/*.hpp" "${base}/*.cuh" "${base}/*.h")

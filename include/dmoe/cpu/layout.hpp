@@ -104,7 +104,12 @@ layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t to
   b.slot_pos = c.take<index_t>(slots);
   b.task_expert = c.take<index_t>(max_tasks);
   b.task_begin = c.take<index_t>(max_tasks);
-  b.hidden_ld = dm.f * dm.n + dm.n;
+  // Rows padded to 16 elements: every row's pre and post then sit at the same address modulo 64
+  // bytes. Eigen's vectorised activation (activate_rows) peels scalar elements until its output
+  // is aligned, and its scalar exp differs from its packet exp in the last bits, so an unpadded
+  // row's result depended on its position in the buffer, i.e. on the batch (expert parallelism,
+  // which moves rows between buffers, showed it).
+  b.hidden_ld = round16(dm.f * dm.n + dm.n);
   b.hidden = c.take<T>(c.mul(slots, b.hidden_ld));
   b.out = c.take<T>(c.mul(slots, dm.d));
   b.gather.stride = round16(rows_per_task * dm.d);

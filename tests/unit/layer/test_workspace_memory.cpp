@@ -30,7 +30,8 @@ void per_slot_and_token(dmoe::index_t d, dmoe::index_t E, dmoe::index_t n, dmoe:
   layer_t<Scalar, P, A> layer(config(d, E, n, h), typename P::options{});
   const std::int64_t s = sizeof(Scalar), f = A::gated ? 2 : 1;
   const std::int64_t hidden = std::is_same_v<P, dmoe::dynamic_k> ? h : 0;
-  const std::int64_t slot_bytes = 28 + (f * n + n + 2 * d + 2) * s;
+  const std::int64_t hidden_ld = (f * n + n + 15) / 16 * 16;  // rows padded to 16 values (cpu/layout.hpp)
+  const std::int64_t slot_bytes = 28 + (hidden_ld + 2 * d + 2) * s;
   const std::int64_t token_bytes = 8 + (2 * E + hidden + 1) * s;
   const std::int64_t slack = 40 * 256;  // at most one alignment gap per buffer
   // Slots: at a fixed token count, 128 000 more slots cost 128 000 slot_bytes + 1000 task entries.
