@@ -191,12 +191,12 @@ def finetune(teacher, tok, texts: List[str], args, log) -> Tuple[Any, Dict[str, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        last = {"step": step + 1, "loss": float(loss), "emb_cos": float(cos.mean()), "hidden_mse": float(l_hid),
-                "penalty": float(pen), "alpha": alpha}
+        last = {"step": step + 1, "loss": loss.item(), "emb_cos": cos.mean().item(), "hidden_mse": l_hid.item(),
+                "penalty": pen.item(), "alpha": alpha}
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             el = time.perf_counter() - t0
-            log(f"finetune {step + 1}/{args.steps}  loss {float(loss):.4f}  cos {float(cos.mean()):.4f}  "
-                f"hidden {float(l_hid):.4f}  penalty {float(pen):.4f} (alpha {alpha:.3g})  "
+            log(f"finetune {step + 1}/{args.steps}  loss {last['loss']:.4f}  cos {last['emb_cos']:.4f}  "
+                f"hidden {last['hidden_mse']:.4f}  penalty {last['penalty']:.4f} (alpha {alpha:.3g})  "
                 f"{el:.0f}s, eta {el / (step + 1) * (args.steps - step - 1):.0f}s")
     for h in hooks:
         h.remove()
