@@ -177,10 +177,12 @@ index_t experts_used(const dmoe::routing_stats& s) {
   return n;
 }
 
-/// Times forward of the policy's shared layer after `configure(layer)` set its router options;
-/// `configure` returns the part of the label that describes the setting.
+/// Times forward (or infer, the inference entry with the fused combine) of the policy's shared
+/// layer after `configure(layer)` set its router options; `configure` returns the part of the
+/// label that describes the setting.
 template <class Policy, class Configure>
-void bm_moe(benchmark::State& state, index_t tokens, int threads, double target_f, Configure configure) {
+void bm_moe(benchmark::State& state, index_t tokens, int threads, double target_f, Configure configure,
+            bool infer = false) {
   try {
     auto& l = layer<Policy>();
     const std::string setting = configure(l);  // may calibrate (cached, outside the timing)
@@ -189,9 +191,10 @@ void bm_moe(benchmark::State& state, index_t tokens, int threads, double target_
     const matrix& x = input(tokens);
     matrix y(tokens, d_model);
     dmoe::routing_stats stats(l.num_experts());
-    if (auto s = l.forward(ctx, x, y, ws, &stats); !s.ok()) return skip(state, s);  // warm-up + stats
+    auto run = [&](dmoe::routing_stats* st) { return infer ? l.infer(ctx, x, y, ws, st) : l.forward(ctx, x, y, ws, st); };
+    if (auto s = run(&stats); !s.ok()) return skip(state, s);  // warm-up + stats
     const double secs = timed(state, [&] {
-      auto s = l.forward(ctx, x, y, ws);
+      auto s = run(nullptr);
       if (!s.ok()) skip(state, s);
       return s.ok();
     });
@@ -266,16 +269,17 @@ std::string dynamic_k_setting(layer_t<dmoe::dynamic_k>& l, index_t tokens, doubl
   return "dynamic_k " + (c.k_max > 0 ? "k_max=" + std::to_string(c.k_max) : "tau=" + fmt("%.4f", c.value));
 }
 
-void bm_top_k(benchmark::State& state, index_t tokens, int threads, index_t k) {
-  bm_moe<dmoe::top_k>(state, tokens, threads, double(k) / double(num_experts),
-                      [k](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k); });
+void bm_top_k(benchmark::State& state, index_t tokens, int threads, index_t k, bool infer = false) {
+  bm_moe<dmoe::top_k>(
+      state, tokens, threads, double(k) / double(num_experts),
+      [k](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k); }, infer);
 }
 
-void bm_dynamic_k(benchmark::State& state, index_t tokens, int threads, int percent) {
+void bm_dynamic_k(benchmark::State& state, index_t tokens, int threads, int percent, bool infer = false) {
   const double target = percent / 100.0;
-  bm_moe<dmoe::dynamic_k>(state, tokens, threads, target, [tokens, target](layer_t<dmoe::dynamic_k>& l) {
-    return dynamic_k_setting(l, tokens, target);
-  });
+  bm_moe<dmoe::dynamic_k>(
+      state, tokens, threads, target,
+      [tokens, target](layer_t<dmoe::dynamic_k>& l) { return dynamic_k_setting(l, tokens, target); }, infer);
 }
 
 void bm_top_any(benchmark::State& state, index_t tokens, int threads, int percent) {
@@ -308,6 +312,7 @@ void register_all() {
         const std::string arg = suffix + "/k:" + std::to_string(k);
         const double f = double(k) / double(num_experts);
         reg("moe_top_k" + arg, [=](benchmark::State& s) { bm_top_k(s, tokens, threads, k); });
+        reg("infer_top_k" + arg, [=](benchmark::State& s) { bm_top_k(s, tokens, threads, k, true); });
         reg("loop_top_k" + arg, [=](benchmark::State& s) {
           bm_loop<dmoe::top_k>(s, tokens, threads, f, [k](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k); });
         });
@@ -315,6 +320,7 @@ void register_all() {
       for (int p : target_percents) {
         const std::string arg = suffix + "/f_pct:" + std::to_string(p);
         reg("moe_dynamic_k" + arg, [=](benchmark::State& s) { bm_dynamic_k(s, tokens, threads, p); });
+        reg("infer_dynamic_k" + arg, [=](benchmark::State& s) { bm_dynamic_k(s, tokens, threads, p, true); });
         reg("loop_dynamic_k" + arg, [=](benchmark::State& s) {
           bm_loop<dmoe::dynamic_k>(s, tokens, threads, p / 100.0, [tokens, p](layer_t<dmoe::dynamic_k>& l) {
             return dynamic_k_setting(l, tokens, p / 100.0);

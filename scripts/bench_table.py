@@ -47,7 +47,7 @@ NON_COUNTERS = {
     "repetition_index", "threads", "iterations", "real_time", "cpu_time", "time_unit", "label",
     "aggregate_name", "aggregate_unit", "error_occurred", "error_message", "big_o", "rms",
 }
-POLICY_ORDER = {"top_k": 0, "dynamic_k": 1, "top_any": 2}
+POLICY_ORDER = {"top_k": 0, "top_k infer": 0.5, "dynamic_k": 1, "dynamic_k infer": 1.5, "top_any": 2}
 
 
 def parse_run_name(run_name):
@@ -141,6 +141,10 @@ def build_tables(records):
         elif fam.startswith("moe_"):
             r["policy"] = fam[len("moe_"):]
             moe.append(r)
+        elif fam.startswith("infer_"):  # moe_layer::infer (fused combine), matched with moe_'s loop twin
+            r["policy"] = fam[len("infer_"):] + " infer"
+            r["loop_key"] = "moe_" + r["run_name"][len("infer_"):]
+            moe.append(r)
         elif fam.startswith("loop_"):
             loops["moe_" + r["run_name"][len("loop_"):]] = r
     moe.sort(key=lambda r: (r["args"]["tokens"], r["args"]["threads"], POLICY_ORDER.get(r["policy"], 9),
@@ -197,7 +201,7 @@ def peers_markdown(dense, eigen, blas, moe, loops, ctx):
         key = (a["tokens"], a["threads"])
         g = gflops(r)
         peak = peak_for(ctx, a["threads"])
-        loop = loops.get(r["run_name"])
+        loop = loops.get(r.get("loop_key", r["run_name"]))
         b = blas.get(key)
         cands = [(n, x) for n, x in (("dense_ffn", dense.get(key)), ("eigen", eigen.get((key[0], 1)) if key[1] == 1 else None),
                                      ("openblas", b)) if x is not None]

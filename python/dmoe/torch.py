@@ -177,7 +177,7 @@ class MoE(nn.Module):
             # No autograd state: the layer's own workspace, nothing kept for a backward.
             xd = x2.detach()
             y = torch.empty_like(xd)
-            self.layer.forward(xd, y)
+            self.layer.infer(xd, y)  # the fused combine: same bits, nothing kept for a backward
             if self._adapter is not None and self.training:
                 self._adapter.record(xd)
             aux = self.layer.aux_losses()

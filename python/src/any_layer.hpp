@@ -67,6 +67,8 @@ class any_layer {
 
   virtual status forward(const context<cpu>& ctx, matrix_view<const float> x, matrix_view<float> y, workspace ws,
                          routing_stats* stats) const noexcept = 0;
+  virtual status infer(const context<cpu>& ctx, matrix_view<const float> x, matrix_view<float> y, workspace ws,
+                       routing_stats* stats) const noexcept = 0;
   virtual std::unique_ptr<any_gradients> make_gradients() const = 0;
   virtual status backward(const context<cpu>& ctx, matrix_view<const float> x, matrix_view<const float> dy,
                           matrix_view<float> dx, any_gradients& grads, workspace ws,

@@ -96,6 +96,10 @@ class layer_impl final : public any_layer {
                  routing_stats* stats) const noexcept override {
     return layer_.forward(ctx, x, y, ws, stats);
   }
+  status infer(const context<cpu>& ctx, matrix_view<const float> x, matrix_view<float> y, workspace ws,
+               routing_stats* stats) const noexcept override {
+    return layer_.infer(ctx, x, y, ws, stats);
+  }
 
   struct grads final : any_gradients {
     explicit grads(typename layer_type::gradients&& g, const moe_config& c, index_t fn, index_t h)

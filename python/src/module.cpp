@@ -352,9 +352,10 @@ layer_options merge_options(const std::string& policy, layer_options o, std::opt
 // ---------------------------------------------------------------------------------------------
 // Layer methods (free functions so that the binding below reads as a table).
 
-nb::object layer_forward(py_layer& self, nb::handle x, nb::handle out, py_workspace* wsp) {
+nb::object layer_run(py_layer& self, nb::handle x, nb::handle out, py_workspace* wsp, bool infer) {
   const index_t d = self.cfg().d_model;
-  const fmat X = as_matrix(x, "forward", "x", false, -1, d);
+  const char* who = infer ? "infer" : "forward";
+  const fmat X = as_matrix(x, who, "x", false, -1, d);
   nb::object result;
   fmat Y;
   if (out.is_none()) {
@@ -362,7 +363,7 @@ nb::object layer_forward(py_layer& self, nb::handle x, nb::handle out, py_worksp
     Y = fmat{y.data(), X.rows, d, d};
     result = nb::cast(y);
   } else {
-    Y = as_matrix(out, "forward", "out", true, X.rows, d);
+    Y = as_matrix(out, who, "out", true, X.rows, d);
     result = nb::borrow(out);
   }
   py_workspace& ws = self.ws_or_own(wsp);
@@ -373,7 +374,8 @@ nb::object layer_forward(py_layer& self, nb::handle x, nb::handle out, py_worksp
     ws.tokens = -1;
     ws.buf.resize(self.impl->workspace_size(X.rows, self.threads()));  // grows only (cold)
     if (ws.stats.num_experts() != self.cfg().num_experts) ws.stats = routing_stats(self.cfg().num_experts);
-    s = self.impl->forward(self.ctx(), X.cview(), Y.view(), ws.buf, &ws.stats);
+    s = infer ? self.impl->infer(self.ctx(), X.cview(), Y.view(), ws.buf, &ws.stats)
+              : self.impl->forward(self.ctx(), X.cview(), Y.view(), ws.buf, &ws.stats);
     if (s.ok()) {
       ws.tokens = X.rows;
       ws.layer = &self;
@@ -382,6 +384,12 @@ nb::object layer_forward(py_layer& self, nb::handle x, nb::handle out, py_worksp
   }
   check(s);
   return result;
+}
+nb::object layer_forward(py_layer& self, nb::handle x, nb::handle out, py_workspace* wsp) {
+  return layer_run(self, x, out, wsp, false);
+}
+nb::object layer_infer(py_layer& self, nb::handle x, nb::handle out, py_workspace* wsp) {
+  return layer_run(self, x, out, wsp, true);
 }
 
 nb::tuple layer_backward(py_layer& self, nb::handle x, nb::handle dy, nb::handle dx, py_gradients* grads,
@@ -704,6 +712,10 @@ NB_MODULE(_core, m) {
            "out: where to write y (same shape, writable); None allocates a NumPy array. Returns y.\n"
            "workspace: where the forward's state is kept for backward (default: the layer's own).\n"
            "The GIL is released while it runs.")
+      .def("infer", &layer_infer, "x"_a, "out"_a = nb::none(), nb::kw_only(), "workspace"_a.none() = nb::none(),
+           "y = MoE(x) for inference: forward's bits, faster at large batches (each expert's output is\n"
+           "added into y as it is computed, not kept). Routing statistics, plan and scores are kept;\n"
+           "backward refuses the workspace (call forward for training). Arguments as for forward.")
       .def("__call__", &layer_forward, "x"_a, "out"_a = nb::none(), nb::kw_only(), "workspace"_a.none() = nb::none())
       .def("make_gradients",
            [](py_layer& l) { return py_gradients{l.impl->make_gradients(), &l}; },

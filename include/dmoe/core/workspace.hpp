@@ -135,7 +135,7 @@ class carver {
 /// layout and this token count, instead of reading garbage.
 struct workspace_stamp {
   static constexpr std::uint64_t magic_value = 0x646d6f6557534631ull;  // "dmoeWSF1"
-  enum : std::uint64_t { running = 1, complete = 2 };
+  enum : std::uint64_t { running = 1, complete = 2, inference = 3 };
   std::uint64_t magic = 0;
   std::uint64_t layer = 0;   ///< instance_id of the layer that wrote it
   std::uint64_t layout = 0;  ///< hash of the buffer layout (shape, max_k, slot bound)

@@ -7,28 +7,30 @@
 /// across threads): y_t = b2 + sum over t's slots in slot order of w_s out[slot]; the slot
 /// weights' gradients dL/dw_s = <dy_t, out[slot]>; the slots' parts of dL/dx; dL/db2.
 
-#include <Eigen/Core>
+#include <algorithm>
 
 #include "../core/backend.hpp"
 #include "../core/views.hpp"
+#include "detail/panel_kernels.hpp"
 #include "layout.hpp"
 #include "tasks.hpp"
 
 DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
-/// y = b2 (or 0) + sum_s w_s out[slot_pos[s]] per token.
+/// y = b2 (or 0) + sum_s w_s out[slot_pos[s]] per token, in slot order (ascending expert id), each
+/// term one fused multiply-add: the same bits as the fused second product
+/// (experts.hpp, expert_outputs_combined), on every instruction set.
 template <class T>
-void combine(const context<cpu>& ctx, matrix_view<T> y, const layer_buffers<T>& b, index_t d, const T* b2) noexcept {
-  using Row = Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>;
-  using CRow = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+void combine(const context<cpu>& ctx, cpu_isa isa, matrix_view<T> y, const layer_buffers<T>& b, index_t d,
+             const T* b2) noexcept {
   for_each_token(ctx, b.plan.tokens, [&](index_t t) noexcept {
-    Row yt(y.row(t), d);
+    T* yt = y.row(t);
     if (b2)
-      yt = CRow(b2, d);
+      std::copy(b2, b2 + d, yt);
     else
-      yt.setZero();
+      std::fill(yt, yt + d, T(0));
     for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s)
-      yt += b.plan.weight[s] * CRow(b.out + b.slot_pos[s] * d, d);
+      scaled_add<T>(isa, d, b.plan.weight[s], b.out + b.slot_pos[s] * d, yt);
   });
 }
 

@@ -13,6 +13,8 @@
 /// The weight gradients, sums over an expert's rows, stay on Eigen's GEMM (cpu/gemm.hpp).
 
 #include <algorithm>
+#include <atomic>
+#include <cstddef>
 
 #include <Eigen/Core>
 
@@ -70,25 +72,100 @@ void activation_backward(const T* pre, index_t ld, const T* dpost, T* dpre, inde
   }
 }
 
-/// Forward of every task: hidden = [b1_e + x_rows W1_e | act(.)], out = b2_e + post W2_e, rows
-/// of x read in place through the sorted index, weights from the packed panels `p` (current for
-/// `w` and `isa`: the layer refreshes them first).
+/// Bytes of per-slot expert outputs from which infer() fuses the combine into the second product.
+/// Below it, the per-expert tasks (run_experts, then combine) are faster: their outputs stay in
+/// the L2 cache, and each expert's W2 streams once, contiguously (bench_forward: infer_* against
+/// moe_*). Both give the same bits, so the choice is free; tests move it to run both paths.
+inline std::atomic<std::size_t>& fused_combine_min_bytes() noexcept {
+  static std::atomic<std::size_t> bytes{std::size_t(1) << 20};
+  return bytes;
+}
+inline bool fused_combine_pays(index_t slots, index_t d, std::size_t elem) noexcept {
+  return std::size_t(slots) * std::size_t(d) * elem >= fused_combine_min_bytes().load(std::memory_order_relaxed);
+}
+
+/// Output columns per task of the second product: a fixed cut (never from the thread count), as
+/// wide as two AVX-512 panels, so d_model 768 gives 6 equal tasks for any number of threads.
+inline constexpr index_t output_block_cols = 128;
+
+/// First product and activation of every task: hidden = [b1_e + x_rows W1_e | act(.)], rows of x
+/// read in place through the sorted index, W1 from the packed panels `p` (current for `w` and
+/// `isa`: the layer refreshes them first).
 template <class Act, class T>
-void run_experts(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w,
-                 const packed_experts<T>& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
+void expert_hidden(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w,
+                   const packed_experts<T>& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
   const index_t d = w.d_model(), n = w.width(), fn = width_factor<Act> * n, ld = b.hidden_ld;
   const index_t nr = tile_for<T>(isa).nr();
   ctx.parallel_for(n_tasks, [&](index_t task, index_t) noexcept {
     const index_t e = b.task_expert[task], r0 = b.task_begin[task];
     const index_t rows = (std::min)(rows_per_task, b.expert_offsets[e + 1] - r0);
     T* pre = b.hidden + r0 * ld;
-    T* post = pre + fn;
     // product: pre = b1_e + x[sorted rows] W1_e
     panel_product<T>(isa, rows, fn, d, {x.data, x.row_stride, b.sorted_token + r0}, p.w1(e, nr), w.b1_ptr(e), pre,
                      ld);
-    activate_rows<Act>(pre, post, rows, n, ld);
-    // product: out = b2_e + post W2_e
-    panel_product<T>(isa, rows, d, n, {post, ld, nullptr}, p.w2(e, nr), w.b2e_ptr(e), b.out + r0 * d, d);
+    activate_rows<Act>(pre, pre + fn, rows, n, ld);
+  });
+}
+
+/// Second product of sorted rows [r0, r0 + rows) of expert e, output columns [c0, c0 + nc):
+/// dst (row stride ldd) = b2_e + post W2_e.
+template <class T>
+void expert_output_columns(cpu_isa isa, const expert_weights<T>& w, const packed_experts<T>& p,
+                           const layer_buffers<T>& b, index_t fn, index_t e, index_t r0, index_t rows, index_t c0,
+                           index_t nc, T* dst, index_t ldd) noexcept {
+  const index_t n = w.width(), nr = tile_for<T>(isa).nr();
+  const T* b2e = w.b2e_ptr(e);
+  // product: out = b2_e + post W2_e
+  panel_product<T>(isa, rows, nc, n, {b.hidden + r0 * b.hidden_ld + fn, b.hidden_ld, nullptr},
+                   p.w2(e, nr).columns_from(c0, nr), b2e ? b2e + c0 : nullptr, dst, ldd);
+}
+
+/// Both products of every task, the expert outputs into b.out (per sorted row): the expert-parallel
+/// layer's owner side, whose outputs travel back before the combine.
+template <class Act, class T>
+void run_experts(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w,
+                 const packed_experts<T>& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
+  expert_hidden<Act>(ctx, isa, x, w, p, b, n_tasks);
+  const index_t d = w.d_model(), fn = width_factor<Act> * w.width();
+  ctx.parallel_for(n_tasks, [&](index_t task, index_t) noexcept {
+    const index_t e = b.task_expert[task], r0 = b.task_begin[task];
+    const index_t rows = (std::min)(rows_per_task, b.expert_offsets[e + 1] - r0);
+    expert_output_columns(isa, w, p, b, fn, e, r0, rows, 0, d, b.out + r0 * d, d);
+  });
+}
+
+/// The second product fused with the combine: y = b2 (or 0) + sum over each token's slots, in
+/// ascending expert order (the plan's slot order), of w_s (b2_e + post W2_e). One task per block
+/// of output_block_cols columns walks the experts in order, so every element of y receives its
+/// terms in the same order as the separate combine (combine.hpp) gives them: the same bits. The
+/// expert outputs go to a per-worker tile, added into y while it is still in cache, and are not
+/// kept (inference: backward needs them in b.out, which run_experts writes). Writing them to b.out
+/// here instead was slower than run_experts + combine (column-block strided stores).
+template <class Act, class T>
+void expert_outputs_combined(const context<cpu>& ctx, cpu_isa isa, matrix_view<T> y, const expert_weights<T>& w,
+                             const packed_experts<T>& p, const layer_buffers<T>& b) noexcept {
+  const index_t d = w.d_model(), fn = width_factor<Act> * w.width(), E = w.num_experts();
+  const T* b2 = w.output_bias_ptr();
+  const index_t blocks = (d + output_block_cols - 1) / output_block_cols;
+  ctx.parallel_for(blocks, [&](index_t blk, index_t worker) noexcept {
+    const index_t c0 = blk * output_block_cols, nc = (std::min)(output_block_cols, d - c0);
+    for (index_t t = 0; t < y.rows; ++t) {
+      T* yt = y.row(t) + c0;
+      if (b2)
+        std::copy(b2 + c0, b2 + c0 + nc, yt);
+      else
+        std::fill(yt, yt + nc, T(0));
+    }
+    T* tile = b.out_tile.get(worker);  // rows_per_task x nc
+    for (index_t e = 0; e < E; ++e) {
+      for (index_t r0 = b.expert_offsets[e]; r0 < b.expert_offsets[e + 1]; r0 += rows_per_task) {
+        const index_t rows = (std::min)(rows_per_task, b.expert_offsets[e + 1] - r0);
+        expert_output_columns(isa, w, p, b, fn, e, r0, rows, c0, nc, tile, nc);
+        for (index_t i = 0; i < rows; ++i)
+          scaled_add<T>(isa, nc, b.plan.weight[b.sorted_slot[r0 + i]], tile + i * nc,
+                        y.row(b.sorted_token[r0 + i]) + c0);
+      }
+    }
   });
 }
 

@@ -39,7 +39,7 @@ struct layer_buffers {
   index_t* task_begin = nullptr;      ///< (max_tasks) first sorted row of the task
   T* hidden = nullptr;                ///< (slots, hidden_ld): [pre-activation (f n) | post (n)]
   T* out = nullptr;                   ///< (slots, d): expert output per sorted row (b2_e included)
-  worker_scratch<T> gather;           ///< per worker (rows_per_task, d)
+  worker_scratch<T> out_tile;         ///< per worker (rows_per_task, d): expert outputs in inference
   worker_scratch<T> pack;             ///< per worker GEMM packing panels
   select_scratch<T> select;           ///< per worker one token's selection (counting pass)
   index_t hidden_ld = 0;
@@ -112,8 +112,8 @@ layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t to
   b.hidden_ld = round16(dm.f * dm.n + dm.n);
   b.hidden = c.take<T>(c.mul(slots, b.hidden_ld));
   b.out = c.take<T>(c.mul(slots, dm.d));
-  b.gather.stride = round16(rows_per_task * dm.d);
-  b.gather.base = c.take<T>(c.mul(threads, b.gather.stride));
+  b.out_tile.stride = round16(rows_per_task * dm.d);
+  b.out_tile.base = c.take<T>(c.mul(threads, b.out_tile.stride));
   b.pack.stride = round16(dm.pack_elems);
   b.pack.base = c.take<T>(c.mul(threads, b.pack.stride));
   const index_t sel = dm.fixed_k ? 0 : round16(dm.max_k);

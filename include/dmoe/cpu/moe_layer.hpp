@@ -112,24 +112,17 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
   /// \param stats optional; must have been constructed with num_experts().
   status forward(const context<cpu>& ctx, matrix_view<const T> x, matrix_view<T> y, workspace ws,
                  routing_stats* stats = nullptr) const noexcept {
-    DMOE_TRY(spec::check_forward("moe_layer::forward", cfg_, x, y, stats));
-    const index_t tokens = x.rows;
-    if (tokens == 0) {
-      if (stats) stats->record(routing_plan<T>{0, num_experts(), nullptr, nullptr, nullptr}, flops_per_slot(), 0.0);
-      return {};
-    }
-    detail::cpu_backend::layer_buffers<T> b;
-    DMOE_TRY(forward_buffers(ws, tokens, ctx.concurrency(), b));
-    *b.stamp = stamp(tokens, b.slot_capacity, detail::workspace_stamp::running);  // a failed forward stays so
-    DMOE_TRY(detail::cpu_backend::route(ctx, router_, x, b.plan, b.slot_capacity, b.router, b.pack, b.select));
-    const index_t n_tasks = detail::cpu_backend::dispatch(b, num_experts());
-    const cpu_isa isa = active_cpu_isa();
-    packed_.refresh(experts_, isa);  // no-op unless the weights or the instruction set changed
-    detail::cpu_backend::run_experts<Activation>(ctx, isa, x, experts_, packed_, b, n_tasks);
-    detail::cpu_backend::combine(ctx, y, b, cfg_.d_model, experts_.output_bias_ptr());
-    b.stamp->state = detail::workspace_stamp::complete;
-    if (stats) stats->record(b.plan, flops_per_slot(), spec::router_flops_per_token(cfg_));
-    return {};
+    return run_forward("moe_layer::forward", ctx, x, y, ws, stats, true);
+  }
+
+  /// y = MoE(x) for inference: the same bits as forward, in less time at large batches, because
+  /// the expert outputs are added into y as they are computed instead of being kept for backward
+  /// (docs/design.md, "Fused combine"). The workspace then holds the plan and router scores
+  /// (plan(), scores(), aux_loss_values() work) but no expert outputs: backward refuses it.
+  /// Arguments as for forward.
+  status infer(const context<cpu>& ctx, matrix_view<const T> x, matrix_view<T> y, workspace ws,
+               routing_stats* stats = nullptr) const noexcept {
+    return run_forward("moe_layer::infer", ctx, x, y, ws, stats, false);
   }
 
   /// The routing plan a forward on `tokens` tokens left in `ws`.
@@ -222,6 +215,34 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
                                     router_.max_k(), detail::cpu_backend::router_hidden_width(router_), fixed_k);
   }
 
+  status run_forward(const char* who, const context<cpu>& ctx, matrix_view<const T> x, matrix_view<T> y,
+                     workspace ws, routing_stats* stats, bool keep_outputs) const noexcept {
+    DMOE_TRY(spec::check_forward(who, cfg_, x, y, stats));
+    const index_t tokens = x.rows;
+    if (tokens == 0) {
+      if (stats) stats->record(routing_plan<T>{0, num_experts(), nullptr, nullptr, nullptr}, flops_per_slot(), 0.0);
+      return {};
+    }
+    detail::cpu_backend::layer_buffers<T> b;
+    DMOE_TRY(forward_buffers(who, ws, tokens, ctx.concurrency(), b));
+    *b.stamp = stamp(tokens, b.slot_capacity, detail::workspace_stamp::running);  // a failed forward stays so
+    DMOE_TRY(detail::cpu_backend::route(ctx, router_, x, b.plan, b.slot_capacity, b.router, b.pack, b.select));
+    const index_t n_tasks = detail::cpu_backend::dispatch(b, num_experts());
+    const cpu_isa isa = active_cpu_isa();
+    packed_.refresh(experts_, isa);  // no-op unless the weights or the instruction set changed
+    const index_t slots = b.expert_offsets[num_experts()];
+    if (keep_outputs || !detail::cpu_backend::fused_combine_pays(slots, cfg_.d_model, sizeof(T))) {
+      detail::cpu_backend::run_experts<Activation>(ctx, isa, x, experts_, packed_, b, n_tasks);
+      detail::cpu_backend::combine(ctx, isa, y, b, cfg_.d_model, experts_.output_bias_ptr());
+    } else {
+      detail::cpu_backend::expert_hidden<Activation>(ctx, isa, x, experts_, packed_, b, n_tasks);
+      detail::cpu_backend::expert_outputs_combined<Activation>(ctx, isa, y, experts_, packed_, b);
+    }
+    b.stamp->state = keep_outputs ? detail::workspace_stamp::complete : detail::workspace_stamp::inference;
+    if (stats) stats->record(b.plan, flops_per_slot(), spec::router_flops_per_token(cfg_));
+    return {};
+  }
+
   status size_overflow(const char* who, index_t tokens, index_t threads) const noexcept {
     return status::failure(errc::invalid_argument,
                            "%s: the workspace for %td tokens (max_k %td, %td experts, d_model %td, width %td, %td "
@@ -231,19 +252,19 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
 
   /// The forward's layout: top-k needs room for tokens * k slots; dynamic-k and top-any take the
   /// largest slot capacity the workspace has room for (route refuses a batch that needs more).
-  status forward_buffers(workspace ws, index_t tokens, index_t threads, detail::cpu_backend::layer_buffers<T>& b) const noexcept {
+  status forward_buffers(const char* who, workspace ws, index_t tokens, index_t threads,
+                         detail::cpu_backend::layer_buffers<T>& b) const noexcept {
     index_t worst = 0;
-    if (!spec::slot_bound(tokens, router_.max_k(), 0, worst)) return size_overflow("moe_layer::forward", tokens, threads);
+    if (!spec::slot_bound(tokens, router_.max_k(), 0, worst)) return size_overflow(who, tokens, threads);
     const auto dm = dims();
     bool ovf = false;
     const std::size_t need = detail::cpu_backend::layout_bytes<T>(dm, tokens, threads, worst, ovf);
     const std::size_t least = ovf || fixed_k ? need : detail::cpu_backend::layout_bytes<T>(dm, tokens, threads, 0, ovf);
-    if (ovf) return size_overflow("moe_layer::forward", tokens, threads);
+    if (ovf) return size_overflow(who, tokens, threads);
     if (ws.data == nullptr || ws.bytes < least)
       return status::failure(errc::workspace_too_small,
-                             "moe_layer::forward: workspace has %zu bytes at %p, %td tokens with %td threads need "
-                             "%zu (workspace_size)",
-                             ws.bytes, ws.data, tokens, threads, need);
+                             "%s: workspace has %zu bytes at %p, %td tokens with %td threads need %zu (workspace_size)",
+                             who, ws.bytes, ws.data, tokens, threads, need);
     const index_t slots = fixed_k ? worst : detail::cpu_backend::fitting_slots<T>(dm, tokens, threads, worst, ws.bytes);
     detail::carver c(detail::carver::align(ws.data));
     b = detail::cpu_backend::carve_layer<T>(c, dm, tokens, threads, slots);
@@ -291,6 +312,11 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
       return status::failure(errc::invalid_argument,
                              "moe_layer::backward: the workspace holds a forward of %llu tokens, backward got %td",
                              static_cast<unsigned long long>(s.tokens), tokens);
+    if (s.state == detail::workspace_stamp::inference)
+      return status::failure(errc::invalid_argument,
+                             "moe_layer::backward: the workspace holds an infer() of %td tokens, which keeps no expert "
+                             "outputs; call forward() before backward()",
+                             tokens);
     if (s.state != want.state)
       return status::failure(errc::invalid_argument,
                              "moe_layer::backward: the forward that filled the workspace failed (it returned an "

@@ -157,6 +157,14 @@ class moe_layer<T, cuda, Policy, Activation, Experts, Width>
     return workspace_size(workspace_bounds{max_tokens, 1});
   }
 
+  /// Inference entry, mirroring moe_layer<cpu>::infer. On CUDA the combine is its own kernel
+  /// over the per-slot outputs either way (no fused path yet), so this runs forward; the
+  /// workspace stays usable by backward here.
+  status infer(const context<cuda>& ctx, matrix_view<const T> x, matrix_view<T> y, workspace ws,
+               routing_stats* stats = nullptr) const noexcept {
+    return forward(ctx, x, y, ws, stats);
+  }
+
   /// y = MoE(x), enqueued on ctx.stream.
   /// \param x (tokens, d_model) device rows of T; \param y (tokens, d_model) device rows (not aliasing x)
   /// \param ws device memory of at least workspace_size({tokens}) bytes; afterwards it holds the

@@ -354,7 +354,7 @@ class expert_parallel_layer {
     for (index_t r = 0; r < nrecv; ++r)
       std::copy(own_.out + r * d, own_.out + (r + 1) * d, sendbuf_.data() + own_.sorted_token[r] * d);
     DMOE_TRY(exchange(sendbuf_.data(), recv_rows_, recv_base_, home_.out, send_rows_, home_offsets()));
-    detail::cpu_backend::combine(ctx, y, home_, d, local_.output_bias_ptr());
+    detail::cpu_backend::combine(ctx, isa, y, home_, d, local_.output_bias_ptr());
     tokens_ = tokens;
     valid_ = true;
     return {};

@@ -14,7 +14,7 @@ int readme_example() {
   dmoe::row_matrix<float> x = dmoe::row_matrix<float>::Random(512, 768), y(512, 768);
   dmoe::workspace_buffer ws(layer.workspace_size(ctx, 512));  // sized once, reused: no allocation
   dmoe::routing_stats stats(layer.num_experts());
-  dmoe::status s = layer.forward(ctx, x, y, ws, &stats);
+  dmoe::status s = layer.infer(ctx, x, y, ws, &stats);  // forward() if backward follows
   if (!s.ok()) return 1;  // s.message() names the argument and the shapes
   return stats.mean_k() >= 1.0 ? 0 : 1;  // k varies per token; every token runs its best expert
 }

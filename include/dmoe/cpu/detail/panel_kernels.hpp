@@ -74,6 +74,10 @@ struct panel_b {
   static panel_b row_major(const T* b, index_t ldb, index_t nr) noexcept { return {b, ldb, nr, false}; }
   /// Packed panels of K rows of nr values each (pack_panels).
   static panel_b packed(const T* b, index_t K, index_t nr) noexcept { return {b, nr, K * nr, true}; }
+  /// Columns [c0, N) of this operand; c0 must be a multiple of the panel width nr.
+  panel_b columns_from(index_t c0, index_t nr) const noexcept {
+    return {data + (c0 / nr) * panel_stride, ld, panel_stride, padded};
+  }
 };
 
 /// Register tile of one instruction set and scalar type: MR rows x NV vectors.
@@ -316,6 +320,18 @@ inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_sour
     default:
       portable_isa::panel_product<portable_isa::vec<T>, tp.mr, tp.nv>(m, N, K, a, b, init, c, ldc);
       return;
+  }
+}
+
+/// dst[j] = fma(w, src[j], dst[j]) for j < n with the kernel of `isa` (the same bits on every one).
+template <class T>
+inline void scaled_add(cpu_isa isa, index_t n, T w, const T* src, T* dst) noexcept {
+  switch (isa) {
+#if DMOE_HAVE_X86_KERNELS
+    case cpu_isa::avx512: avx512_isa::scaled_add_row<avx512_isa::vec<T>>(n, w, src, dst); return;
+    case cpu_isa::avx2: avx2_isa::scaled_add_row<avx2_isa::vec<T>>(n, w, src, dst); return;
+#endif
+    default: portable_isa::scaled_add_row<portable_isa::vec<T>>(n, w, src, dst); return;
   }
 }
 
