@@ -35,17 +35,15 @@ void combine(const context<cpu>& ctx, cpu_isa isa, matrix_view<T> y, const layer
 }
 
 /// dL/dw_s = <dy_t, y_e(x_t)> for every slot (the combine weights' gradient), into b.dweight.
+/// One fixed summation order (dot: 64 bytes of partial chains, then a pairwise sum), the same on
+/// every instruction set; a serial loop here was a latency-bound chain of d additions per slot.
 template <class T>
 void slot_weight_grads(const context<cpu>& ctx, matrix_view<const T> dy, const layer_buffers<T>& b,
                        index_t d) noexcept {
+  const cpu_isa isa = active_cpu_isa();
   for_each_token(ctx, b.plan.tokens, [&](index_t t) noexcept {
-    for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s) {
-      const T* o = b.out + b.slot_pos[s] * d;
-      const T* g = dy.row(t);
-      T acc = 0;
-      for (index_t j = 0; j < d; ++j) acc += g[j] * o[j];
-      b.dweight[s] = acc;
-    }
+    for (index_t s = b.plan.token_offsets[t]; s < b.plan.token_offsets[t + 1]; ++s)
+      b.dweight[s] = dot<T>(isa, d, dy.row(t), b.out + b.slot_pos[s] * d);
   });
 }
 

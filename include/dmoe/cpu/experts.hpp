@@ -8,9 +8,11 @@
 /// rows); backward one task per expert, which owns that expert's gradients, so no reduction
 /// crosses threads. The products (marked "product:") are panel products (detail/panel_kernels.hpp):
 /// forward over the packed panels of W1_e and W2_e; backward's dpost and dx over the canonical
-/// storage, whose layouts are the row-major transposes those products need. They compute every
-/// element as one in-order FMA chain, so a token's output and dx do not depend on its batch.
-/// The weight gradients, sums over an expert's rows, stay on Eigen's GEMM (cpu/gemm.hpp).
+/// storage, whose layouts are the row-major transposes those products need; the weight gradients
+/// (sums over an expert's rows, accumulated block after block of rows in sorted order) read the
+/// gradient rows down their columns (panel_accumulate_at), so nothing is transposed or packed.
+/// They compute every element as one in-order FMA chain, so a token's output and dx do not depend
+/// on its batch, and the weight gradients not on the thread count.
 
 #include <algorithm>
 #include <atomic>
@@ -24,7 +26,6 @@
 #include "../experts/expert_weights.hpp"
 #include "detail/packed_experts.hpp"
 #include "detail/panel_kernels.hpp"
-#include "gemm.hpp"
 #include "kernels.hpp"
 #include "layout.hpp"
 #include "tasks.hpp"
@@ -72,38 +73,61 @@ void activation_backward(const T* pre, index_t ld, const T* dpost, T* dpre, inde
   }
 }
 
-/// Bytes of per-slot expert outputs from which infer() fuses the combine into the second product.
-/// Below it, the per-expert tasks (run_experts, then combine) are faster: their outputs stay in
-/// the L2 cache, and each expert's W2 streams once, contiguously (bench_forward: infer_* against
-/// moe_*). Both give the same bits, so the choice is free; tests move it to run both paths.
+/// When infer() fuses the combine into the second product: from this many bytes of per-slot
+/// expert outputs, on at most fused_combine_max_workers() workers. Below the size, the per-expert
+/// tasks (run_experts, then combine) are faster: their outputs stay in the L2 cache, and each
+/// expert's W2 streams once, contiguously; on 2 workers the column-block tasks measured slower
+/// (bench_forward: infer_* against moe_*, docs/design.md "Fused combine"). Both paths give the
+/// same bits, so the choice is free; tests move both limits to run both paths on any thread count.
 inline std::atomic<std::size_t>& fused_combine_min_bytes() noexcept {
   static std::atomic<std::size_t> bytes{std::size_t(1) << 20};
   return bytes;
 }
-inline bool fused_combine_pays(index_t slots, index_t d, std::size_t elem) noexcept {
-  return std::size_t(slots) * std::size_t(d) * elem >= fused_combine_min_bytes().load(std::memory_order_relaxed);
+inline std::atomic<index_t>& fused_combine_max_workers() noexcept {
+  static std::atomic<index_t> workers{1};
+  return workers;
+}
+inline bool fused_combine_pays(index_t slots, index_t d, std::size_t elem, index_t workers) noexcept {
+  return workers <= fused_combine_max_workers().load(std::memory_order_relaxed) &&
+         std::size_t(slots) * std::size_t(d) * elem >= fused_combine_min_bytes().load(std::memory_order_relaxed);
 }
 
 /// Output columns per task of the second product: a fixed cut (never from the thread count), as
 /// wide as two AVX-512 panels, so d_model 768 gives 6 equal tasks for any number of threads.
 inline constexpr index_t output_block_cols = 128;
 
-/// First product and activation of every task: hidden = [b1_e + x_rows W1_e | act(.)], rows of x
+/// First product and activation of one task: hidden = [b1_e + x_rows W1_e | act(.)], rows of x
 /// read in place through the sorted index, W1 from the packed panels `p` (current for `w` and
 /// `isa`: the layer refreshes them first).
 template <class Act, class T>
+void task_hidden(cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w, const packed_experts<T>& p,
+                 const layer_buffers<T>& b, index_t e, index_t r0, index_t rows) noexcept {
+  const index_t d = w.d_model(), n = w.width(), fn = width_factor<Act> * n, ld = b.hidden_ld;
+  T* pre = b.hidden + r0 * ld;
+  // product: pre = b1_e + x[sorted rows] W1_e
+  panel_product<T>(isa, rows, fn, d, {x.data, x.row_stride, b.sorted_token + r0}, p.w1(e, tile_for<T>(isa).nr()),
+                   w.b1_ptr(e), pre, ld);
+  activate_rows<Act>(pre, pre + fn, rows, n, ld);
+}
+
+/// Expert and first sorted row of a task, and its row count (at most rows_per_task).
+struct task_rows {
+  index_t expert, begin, rows;
+};
+template <class T>
+task_rows rows_of_task(const layer_buffers<T>& b, index_t task) noexcept {
+  const index_t e = b.task_expert[task], r0 = b.task_begin[task];
+  return {e, r0, (std::min)(rows_per_task, b.expert_offsets[e + 1] - r0)};
+}
+
+/// First product and activation of every task (infer's fused path runs the second product per
+/// column block afterwards, expert_outputs_combined).
+template <class Act, class T>
 void expert_hidden(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w,
                    const packed_experts<T>& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
-  const index_t d = w.d_model(), n = w.width(), fn = width_factor<Act> * n, ld = b.hidden_ld;
-  const index_t nr = tile_for<T>(isa).nr();
   ctx.parallel_for(n_tasks, [&](index_t task, index_t) noexcept {
-    const index_t e = b.task_expert[task], r0 = b.task_begin[task];
-    const index_t rows = (std::min)(rows_per_task, b.expert_offsets[e + 1] - r0);
-    T* pre = b.hidden + r0 * ld;
-    // product: pre = b1_e + x[sorted rows] W1_e
-    panel_product<T>(isa, rows, fn, d, {x.data, x.row_stride, b.sorted_token + r0}, p.w1(e, nr), w.b1_ptr(e), pre,
-                     ld);
-    activate_rows<Act>(pre, pre + fn, rows, n, ld);
+    const task_rows t = rows_of_task(b, task);
+    task_hidden<Act>(isa, x, w, p, b, t.expert, t.begin, t.rows);
   });
 }
 
@@ -120,17 +144,17 @@ void expert_output_columns(cpu_isa isa, const expert_weights<T>& w, const packed
                    p.w2(e, nr).columns_from(c0, nr), b2e ? b2e + c0 : nullptr, dst, ldd);
 }
 
-/// Both products of every task, the expert outputs into b.out (per sorted row): the expert-parallel
-/// layer's owner side, whose outputs travel back before the combine.
+/// Both products of every task, one task after the other on the same worker (its hidden rows are
+/// still in cache for the second), the expert outputs into b.out (per sorted row): forward keeps
+/// them for backward, and the expert-parallel owner sends them back before the combine.
 template <class Act, class T>
 void run_experts(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w,
                  const packed_experts<T>& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
-  expert_hidden<Act>(ctx, isa, x, w, p, b, n_tasks);
   const index_t d = w.d_model(), fn = width_factor<Act> * w.width();
   ctx.parallel_for(n_tasks, [&](index_t task, index_t) noexcept {
-    const index_t e = b.task_expert[task], r0 = b.task_begin[task];
-    const index_t rows = (std::min)(rows_per_task, b.expert_offsets[e + 1] - r0);
-    expert_output_columns(isa, w, p, b, fn, e, r0, rows, 0, d, b.out + r0 * d, d);
+    const task_rows t = rows_of_task(b, task);
+    task_hidden<Act>(isa, x, w, p, b, t.expert, t.begin, t.rows);
+    expert_output_columns(isa, w, p, b, fn, t.expert, t.begin, t.rows, 0, d, b.out + t.begin * d, d);
   });
 }
 
@@ -177,14 +201,12 @@ void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_vie
                      const expert_weights<T>& w, expert_weights<T>& g, const layer_buffers<T>& b) noexcept {
   const index_t d = w.d_model(), n = w.width(), fn = width_factor<Act> * n, ld = b.hidden_ld;
   const index_t R = rows_per_task;
-  const auto blk_dw2 = plan_gemm<T>(d, n, R), blk_dw1 = plan_gemm<T>(fn, d, R);
   const cpu_isa isa = active_cpu_isa();
   const index_t nr = tile_for<T>(isa).nr();
   ctx.parallel_for(w.num_experts(), [&](index_t e, index_t worker) noexcept {
     T* gbuf = b.bwd.get(worker);  // w_s * dy_t rows, then gathered x rows
     T* dpost = gbuf + R * d;
     T* dpre = dpost + R * n;
-    T* pack = b.pack.get(worker);
     T* gw1 = g.w1_ptr(e);
     T* gw2 = g.w2_ptr(e);
     T* gb1 = g.b1_ptr(e);
@@ -206,7 +228,7 @@ void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_vie
       panel_product<T>(isa, rows, n, d, {gbuf, d, nullptr}, panel_b<T>::row_major(w.w2_ptr(e), n, nr), nullptr, dpost,
                        n);
       // product: dW2_e^T += g^T post
-      gemm<order::col_major, order::row_major>(d, n, rows, gbuf, d, post, ld, gw2, n, blk_dw2, pack);
+      panel_accumulate_at<T>(isa, d, n, rows, gbuf, d, panel_b<T>::row_major(post, ld, nr), gw2, n);
       activation_backward<Act>(pre, ld, dpost, dpre, rows, n);
       if (gb1)
         for (index_t i = 0; i < rows; ++i)
@@ -217,7 +239,7 @@ void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_vie
         std::copy(src, src + d, gbuf + i * d);
       }
       // product: dW1_e^T += dpre^T x_rows
-      gemm<order::col_major, order::row_major>(fn, d, rows, dpre, fn, gbuf, d, gw1, d, blk_dw1, pack);
+      panel_accumulate_at<T>(isa, fn, d, rows, dpre, fn, panel_b<T>::row_major(gbuf, d, nr), gw1, d);
       // product: dx_slot = dpre W1_e^T (w1_e is stored as W1_e^T, row-major f n x d)
       panel_product<T>(isa, rows, d, fn, {dpre, fn, nullptr}, panel_b<T>::row_major(w.w1_ptr(e), d, nr), nullptr,
                        b.dx_slot + r0 * d, d);

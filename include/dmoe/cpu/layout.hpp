@@ -17,7 +17,6 @@
 #include "../core/config.hpp"
 #include "../core/workspace.hpp"
 #include "../routing/plan.hpp"
-#include "gemm.hpp"
 #include "route.hpp"
 #include "route_backward.hpp"
 #include "tasks.hpp"
@@ -57,7 +56,7 @@ struct layer_dims {
 };
 
 /// Dims of a layer: d, E, n, f (2 if gated), max_k, router hidden width, and the largest GEMM
-/// packing buffer of every product forward and backward run.
+/// packing buffer the router's products, forward and backward, need.
 template <class T>
 layer_dims make_dims(index_t d, index_t E, index_t n, index_t f, index_t max_k, index_t router_hidden,
                      bool fixed_k) {
@@ -69,13 +68,9 @@ layer_dims make_dims(index_t d, index_t E, index_t n, index_t f, index_t max_k, 
   dm.max_k = max_k;
   dm.router_hidden = router_hidden;
   dm.fixed_k = fixed_k;
-  const index_t R = rows_per_task, fn = f * n;
-  dm.pack_elems = (std::max)({router_pack_elems<T>(d, E, router_hidden),
-                              // forward products
-                              plan_gemm<T>(R, fn, d).pack_elems(), plan_gemm<T>(R, d, n).pack_elems(),
-                              // backward products
-                              plan_gemm<T>(R, n, d).pack_elems(), plan_gemm<T>(d, n, R).pack_elems(),
-                              plan_gemm<T>(fn, d, R).pack_elems(), plan_gemm<T>(R, d, fn).pack_elems()});
+  // Only the router's products pack (Eigen's GEMM); the expert products, forward and backward, are
+  // panel products, which read their operands in place.
+  dm.pack_elems = router_pack_elems<T>(d, E, router_hidden);
   router_grad_shapes<T>(d, E, dm.pack_elems);
   return dm;
 }

@@ -231,9 +231,9 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     const cpu_isa isa = active_cpu_isa();
     packed_.refresh(experts_, isa);  // no-op unless the weights or the instruction set changed
     const index_t slots = b.expert_offsets[num_experts()];
-    // Fused only on one worker: on 2 threads it measured slower than the per-expert tasks
-    // (docs/design.md, "Fused combine"); the bits are the same either way.
-    if (keep_outputs || ctx.concurrency() > 1 || !detail::cpu_backend::fused_combine_pays(slots, cfg_.d_model, sizeof(T))) {
+    // The bits are the same either way; fused_combine_pays says which is faster.
+    if (keep_outputs ||
+        !detail::cpu_backend::fused_combine_pays(slots, cfg_.d_model, sizeof(T), ctx.concurrency())) {
       detail::cpu_backend::run_experts<Activation>(ctx, isa, x, experts_, packed_, b, n_tasks);
       detail::cpu_backend::combine(ctx, isa, y, b, cfg_.d_model, experts_.output_bias_ptr());
     } else {

@@ -107,6 +107,43 @@ void random_products(const char* tag) {
   }
 }
 
+/// panel_accumulate_at (C += A B with A given transposed, K x m) against the plain fma loop that
+/// continues each element's chain from C; returns mismatches.
+template <class T>
+int check_accumulate_at(dmoe_test::test_rng& g, cpu_isa isa, index_t m, index_t N, index_t K) {
+  const index_t lda = m + g.integer(0, 3), ldb = N + g.integer(0, 3), ldc = N + g.integer(0, 5);
+  std::vector<T> At(sz(K * lda + 1)), B(sz(K * ldb + 1)), C(sz(m * ldc + 1));
+  for (auto& v : At) v = T(g.normal());
+  for (auto& v : B) v = T(g.normal());
+  for (auto& v : C) v = T(g.normal());
+  const std::vector<T> C0 = C;
+  const index_t nr = cd::tile_for<T>(isa).nr();
+  cd::panel_accumulate_at<T>(isa, m, N, K, At.data(), lda, cd::panel_b<T>::row_major(B.data(), ldb, nr), C.data(),
+                             ldc);
+  int bad = 0;
+  for (index_t i = 0; i < m; ++i)
+    for (index_t j = 0; j < ldc; ++j) {
+      T want = C0[std::size_t(i * ldc + j)];
+      if (j < N)
+        for (index_t k = 0; k < K; ++k) want = std::fma(At[std::size_t(k * lda + i)], B[std::size_t(k * ldb + j)], want);
+      bad += !same_bits(want, C[std::size_t(i * ldc + j)]);
+    }
+  return bad;
+}
+
+/// The order cd::dot promises, written out: 64 bytes of partial fma chains, then halves added.
+template <class T>
+T dot_in_order(index_t n, const T* a, const T* b) {
+  constexpr int P = int(64 / sizeof(T));
+  T part[P] = {};
+  for (index_t j = 0; j < n; ++j) part[j % P] = std::fma(a[j], b[j], part[j % P]);
+  for (int l = 0; l < P; ++l)  // the kernels' masked tail: fma(0, 0, .) on the partials past n
+    if (n % P != 0 && l >= n % P) part[l] = std::fma(T(0), T(0), part[l]);
+  for (int w = P / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) part[i] += part[i + w];
+  return part[0];
+}
+
 }  // namespace
 
 TEST_SUITE("kernels") {
@@ -145,6 +182,39 @@ TEST_SUITE("kernels") {
       for (index_t i = 0; i < m; ++i) {
         cd::panel_product<float>(isa, 1, N, K, {A.data() + i * K, K, nullptr}, pb, nullptr, C1.data(), N);
         CHECK(std::memcmp(C1.data(), C.data() + i * N, sizeof(float) * std::size_t(N)) == 0);
+      }
+    }
+  }
+
+  TEST_CASE("panel_accumulate_at (weight gradients) equals a std::fma chain from C bitwise, every ISA") {
+    for (const kernel_choice& kc : runnable_kernels()) {
+      const tile_scope scope(kc);
+      dmoe_test::test_rng g(dmoe_test::seed_of(std::string("panel-at/") + kc.name(), 0));
+      const auto t = cd::tile_for<float>(kc.isa);
+      for (int rep = 0; rep < 80; ++rep) {
+        const index_t m = g.integer(1, 3 * t.mr + 1), N = g.integer(1, 3 * int(t.nr()) + 5), K = g.integer(0, 140);
+        INFO(kc.name(), " m=", m, " N=", N, " K=", K);
+        CHECK(check_accumulate_at<float>(g, kc.isa, m, N, K) == 0);
+        CHECK(check_accumulate_at<double>(g, kc.isa, m, N, K) == 0);
+      }
+      // Deeper than one depth chunk (chains continued across chunks).
+      CHECK(check_accumulate_at<float>(g, kc.isa, 20, 40, 1500) == 0);
+    }
+  }
+
+  TEST_CASE("dot: one summation order on every ISA, the documented one") {
+    for (const kernel_choice& kc : runnable_kernels()) {
+      dmoe_test::test_rng g(dmoe_test::seed_of(std::string("dot/") + kc.name(), 0));
+      for (index_t n : {0, 1, 7, 8, 15, 16, 17, 31, 33, 100, 768, 771}) {
+        std::vector<float> a(sz(n) + 1), b(sz(n) + 1);
+        std::vector<double> ad(sz(n) + 1), bd(sz(n) + 1);
+        for (std::size_t i = 0; i < a.size(); ++i) {
+          a[i] = float(g.normal()), b[i] = float(g.normal());
+          ad[i] = g.normal(), bd[i] = g.normal();
+        }
+        INFO(kc.name(), " n=", n);
+        CHECK(same_bits(cd::dot<float>(kc.isa, n, a.data(), b.data()), dot_in_order<float>(n, a.data(), b.data())));
+        CHECK(same_bits(cd::dot<double>(kc.isa, n, ad.data(), bd.data()), dot_in_order<double>(n, ad.data(), bd.data())));
       }
     }
   }

@@ -18,11 +18,19 @@ namespace {
 
 namespace cb = dmoe::detail::cpu_backend;
 
-/// Moves infer's fused/unfused cut for the scope of a test (0: always fused).
+/// Moves infer's fused/unfused cut for the scope of a test (0: always fused, on any number of
+/// workers; the largest value: never fused).
 struct fused_cut {
   std::size_t before = cb::fused_combine_min_bytes().load();
-  explicit fused_cut(std::size_t bytes) { cb::fused_combine_min_bytes().store(bytes); }
-  ~fused_cut() { cb::fused_combine_min_bytes().store(before); }
+  dmoe::index_t workers_before = cb::fused_combine_max_workers().load();
+  explicit fused_cut(std::size_t bytes) {
+    cb::fused_combine_min_bytes().store(bytes);
+    cb::fused_combine_max_workers().store(bytes == 0 ? 1 << 20 : workers_before);
+  }
+  ~fused_cut() {
+    cb::fused_combine_min_bytes().store(before);
+    cb::fused_combine_max_workers().store(workers_before);
+  }
 };
 
 template <class T>

@@ -292,11 +292,11 @@ struct vec<double> {
 #endif
 #endif  // DMOE_HAVE_X86_KERNELS
 
-/// C (m x N, row stride ldc) = init + A B with the kernel of `isa`; B's panels must be
-/// tile_for<T>(isa).nr() wide. init: N values, or null for 0.
-template <class T>
-inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_source<T> a, const panel_b<T>& b,
-                          const T* init, T* c, index_t ldc) noexcept {
+namespace panel_dispatch {
+/// panel_kernel.inc's panel_product with the kernel and tile of `isa`.
+template <bool AT, class T>
+inline void run(cpu_isa isa, index_t m, index_t N, index_t K, row_source<T> a, const panel_b<T>& b, const T* init,
+                T* c, index_t ldc, bool accumulate) noexcept {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "panel_product: float or double");
   if (m <= 0 || N <= 0) return;
   constexpr tile_shape tp = tile_for<T>(cpu_isa::portable, avx512_tile::tall);
@@ -309,18 +309,37 @@ inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_sour
 #if DMOE_HAVE_X86_KERNELS
     case cpu_isa::avx512:
       if (active_avx512_tile() == avx512_tile::wide)
-        avx512_isa::panel_product<avx512_isa::vec<T>, wide.mr, wide.nv>(m, N, K, a, b, init, c, ldc);
+        avx512_isa::panel_product<avx512_isa::vec<T>, wide.mr, wide.nv, AT>(m, N, K, a, b, init, c, ldc, accumulate);
       else
-        avx512_isa::panel_product<avx512_isa::vec<T>, tall.mr, tall.nv>(m, N, K, a, b, init, c, ldc);
+        avx512_isa::panel_product<avx512_isa::vec<T>, tall.mr, tall.nv, AT>(m, N, K, a, b, init, c, ldc, accumulate);
       return;
     case cpu_isa::avx2:
-      avx2_isa::panel_product<avx2_isa::vec<T>, t2.mr, t2.nv>(m, N, K, a, b, init, c, ldc);
+      avx2_isa::panel_product<avx2_isa::vec<T>, t2.mr, t2.nv, AT>(m, N, K, a, b, init, c, ldc, accumulate);
       return;
 #endif
     default:
-      portable_isa::panel_product<portable_isa::vec<T>, tp.mr, tp.nv>(m, N, K, a, b, init, c, ldc);
+      portable_isa::panel_product<portable_isa::vec<T>, tp.mr, tp.nv, AT>(m, N, K, a, b, init, c, ldc, accumulate);
       return;
   }
+}
+}  // namespace panel_dispatch
+
+/// C (m x N, row stride ldc) = init + A B with the kernel of `isa`; B's panels must be
+/// tile_for<T>(isa).nr() wide. init: N values, or null for 0.
+template <class T>
+inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_source<T> a, const panel_b<T>& b,
+                          const T* init, T* c, index_t ldc) noexcept {
+  panel_dispatch::run<false, T>(isa, m, N, K, a, b, init, c, ldc, false);
+}
+
+/// C (m x N, row stride ldc) += A B where A is given transposed, at (K x m, row stride lda): the
+/// weight gradients (dW^T += G^T H over a block of K token rows), with no transpose copied. Each
+/// element continues its chain from C, so blocks of rows accumulated in a fixed order give the
+/// same bits on every instruction set and tile.
+template <class T>
+inline void panel_accumulate_at(cpu_isa isa, index_t m, index_t N, index_t K, const T* at, index_t lda,
+                                const panel_b<T>& b, T* c, index_t ldc) noexcept {
+  panel_dispatch::run<true, T>(isa, m, N, K, row_source<T>{at, lda, nullptr}, b, nullptr, c, ldc, true);
 }
 
 /// dst[j] = fma(w, src[j], dst[j]) for j < n with the kernel of `isa` (the same bits on every one).
@@ -332,6 +351,19 @@ inline void scaled_add(cpu_isa isa, index_t n, T w, const T* src, T* dst) noexce
     case cpu_isa::avx2: avx2_isa::scaled_add_row<avx2_isa::vec<T>>(n, w, src, dst); return;
 #endif
     default: portable_isa::scaled_add_row<portable_isa::vec<T>>(n, w, src, dst); return;
+  }
+}
+
+/// sum_j a[j] b[j] with the kernel of `isa`, in the one order dot_row defines (the same bits on
+/// every instruction set).
+template <class T>
+inline T dot(cpu_isa isa, index_t n, const T* a, const T* b) noexcept {
+  switch (isa) {
+#if DMOE_HAVE_X86_KERNELS
+    case cpu_isa::avx512: return avx512_isa::dot_row<avx512_isa::vec<T>>(n, a, b);
+    case cpu_isa::avx2: return avx2_isa::dot_row<avx2_isa::vec<T>>(n, a, b);
+#endif
+    default: return portable_isa::dot_row<portable_isa::vec<T>>(n, a, b);
   }
 }
 
