@@ -116,7 +116,8 @@ class MoE(nn.Module):
             if layer.policy != "top_any":
                 raise ValueError(f"MoE: adaptive=True needs policy 'top_any', this layer is '{layer.policy}'")
             self._adapter = _core.ExpertCountAdapter(layer, adapt_interval)
-        self.aux_losses: Dict[str, torch.Tensor] = {}
+        self._aux_vec: Optional[torch.Tensor] = None  # the last forward's aux losses (AUX_NAMES order)
+        self._aux: Optional[Dict[str, torch.Tensor]] = None  # by name, built from _aux_vec on first use
         if layer.policy == "top_any":
             layer.training = self.training
 
@@ -133,10 +134,15 @@ class MoE(nn.Module):
         if len(self._free) < 4:
             self._free.append(ws)
 
-    def _check_params(self) -> None:
-        for name in self._param_names:
-            p = getattr(self, name)
-            if p.device.type != "cpu" or p.dtype != torch.float32 or p.data_ptr() != self._ptrs[name]:
+    def _params(self) -> List[nn.Parameter]:
+        # nn.Module keeps parameters in _parameters (what getattr finds, and what assigning a new
+        # Parameter replaces); reading the dict directly skips Module.__getattr__ on the hot path.
+        ps = self._parameters
+        return [ps[n] for n in self._param_names]  # type: ignore[misc]
+
+    def _check_params(self, params: List[nn.Parameter]) -> None:
+        for name, p in zip(self._param_names, params):
+            if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or p.data_ptr() != self._ptrs[name]:
                 raise RuntimeError(
                     f"MoE: parameter '{name}' no longer shares memory with the dmoe layer (it was moved, cast or "
                     f"replaced, e.g. by .to()/.cuda()/.double() or assigning .data); dmoe runs float32 on the CPU "
@@ -144,7 +150,7 @@ class MoE(nn.Module):
                 )
         # The C++ kernels read a packed copy of w1/w2; torch's version counters tell when an
         # optimizer step or an in-place edit wrote the shared storage, and then it is repacked.
-        versions = tuple(getattr(self, n)._version for n in self._param_names)
+        versions = tuple(p._version for p in params)
         if versions != getattr(self, "_seen_versions", None):
             self.layer.mark_modified()
             self._seen_versions = versions
@@ -160,7 +166,8 @@ class MoE(nn.Module):
         auxiliary loss name (AUX_NAMES) to a differentiable 0-d tensor; the last forward's are also
         in ``self.aux_losses``."""
         _check_cpu(x, "MoE.forward", "x")
-        self._check_params()
+        params = self._params()
+        self._check_params(params)
         d = self.layer.d_model
         if x.shape[-1] != d:
             raise ValueError(f"MoE.forward: x has shape {tuple(x.shape)}, expected (..., {d})")
@@ -168,10 +175,8 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, d)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        needs_grad = torch.is_grad_enabled() and (
-            x2.requires_grad or any(getattr(self, n).requires_grad for n in self._param_names))
+        needs_grad = torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in params))
         if needs_grad:
-            params = [getattr(self, n) for n in self._param_names]
             y, aux_vec = _MoEFunction.apply(x2, self, *params)
         else:
             # No autograd state: the layer's own workspace, nothing kept for a backward.
@@ -182,9 +187,17 @@ class MoE(nn.Module):
                 self._adapter.record(xd)
             aux = self.layer.aux_losses()
             aux_vec = torch.tensor([aux[n] for n in AUX_NAMES], dtype=torch.float32)
-        self.aux_losses = {n: aux_vec[i] for i, n in enumerate(AUX_NAMES)}
+        self._aux_vec, self._aux = aux_vec, None
         y = y.reshape(*lead, d)
         return (y, self.aux_losses) if return_aux else y
+
+    @property
+    def aux_losses(self) -> Dict[str, torch.Tensor]:
+        """The last forward's auxiliary losses by name (AUX_NAMES), differentiable 0-d tensors
+        (empty before the first forward). Built on first access, not in every forward."""
+        if self._aux is None and self._aux_vec is not None:
+            self._aux = dict(zip(AUX_NAMES, self._aux_vec.unbind()))
+        return self._aux if self._aux is not None else {}
 
     def aux_loss(self, weights: Dict[str, float]) -> torch.Tensor:
         """sum_i weights[i] * aux_i of the last forward, differentiable (e.g. {'load_balance': 0.01})."""

@@ -36,12 +36,15 @@ index_t dispatch(layer_buffers<T>& b, index_t E) noexcept {
       b.slot_pos[s] = pos;
     }
   index_t n_tasks = 0;
-  for (index_t e = 0; e < E; ++e)
-    for (index_t r = off[e]; r < off[e + 1]; r += rows_per_task) {
+  for (index_t e = 0; e < E; ++e) {
+    const index_t rows = off[e + 1] - off[e], tasks = task_count(rows);
+    for (index_t i = 0; i < tasks; ++i) {
       b.task_expert[n_tasks] = e;
-      b.task_begin[n_tasks] = r;
+      b.task_begin[n_tasks] = off[e] + task_row_begin(rows, tasks, i);
       ++n_tasks;
     }
+  }
+  b.task_begin[n_tasks] = off[E];  // tasks are contiguous in sorted rows: task t ends where t + 1 begins
   return n_tasks;
 }
 

@@ -116,8 +116,18 @@ struct task_rows {
 };
 template <class T>
 task_rows rows_of_task(const layer_buffers<T>& b, index_t task) noexcept {
-  const index_t e = b.task_expert[task], r0 = b.task_begin[task];
-  return {e, r0, (std::min)(rows_per_task, b.expert_offsets[e + 1] - r0)};
+  return {b.task_expert[task], b.task_begin[task], b.task_begin[task + 1] - b.task_begin[task]};
+}
+
+/// Calls f(r0, rows) for the even cut (task_row_begin) of sorted rows [begin, end) into blocks of
+/// at most rows_per_task, in order.
+template <class F>
+void for_each_row_block(index_t begin, index_t end, F&& f) {
+  const index_t rows = end - begin, tasks = task_count(rows);
+  for (index_t i = 0; i < tasks; ++i) {
+    const index_t r0 = task_row_begin(rows, tasks, i);
+    f(begin + r0, task_row_begin(rows, tasks, i + 1) - r0);
+  }
 }
 
 /// First product and activation of every task (infer's fused path runs the second product per
@@ -182,20 +192,20 @@ void expert_outputs_combined(const context<cpu>& ctx, cpu_isa isa, matrix_view<T
     }
     T* tile = b.out_tile.get(worker);  // rows_per_task x nc
     for (index_t e = 0; e < E; ++e) {
-      for (index_t r0 = b.expert_offsets[e]; r0 < b.expert_offsets[e + 1]; r0 += rows_per_task) {
-        const index_t rows = (std::min)(rows_per_task, b.expert_offsets[e + 1] - r0);
+      for_each_row_block(b.expert_offsets[e], b.expert_offsets[e + 1], [&](index_t r0, index_t rows) noexcept {
         expert_output_columns(isa, w, p, b, fn, e, r0, rows, c0, nc, tile, nc);
         for (index_t i = 0; i < rows; ++i)
           scaled_add<T>(isa, nc, b.plan.weight[b.sorted_slot[r0 + i]], tile + i * nc,
                         y.row(b.sorted_token[r0 + i]) + c0);
-      }
+      });
     }
   });
 }
 
 /// Expert parameter gradients (into g, which starts at zero) and dx per slot (b.dx_slot). One
-/// task per expert owns that expert's gradients; rows are visited in sorted order in chunks of
-/// rows_per_task.
+/// task per expert owns that expert's gradients; rows are visited in sorted order in blocks of at
+/// most rows_per_task (for_each_row_block). Every gradient element is one chain over the expert's
+/// rows in sorted order, whatever the blocks: the cut changes no bit.
 template <class Act, class T>
 void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_view<const T> dy,
                      const expert_weights<T>& w, expert_weights<T>& g, const layer_buffers<T>& b) noexcept {
@@ -211,8 +221,7 @@ void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_vie
     T* gw2 = g.w2_ptr(e);
     T* gb1 = g.b1_ptr(e);
     T* gb2e = g.b2e_ptr(e);
-    for (index_t r0 = b.expert_offsets[e]; r0 < b.expert_offsets[e + 1]; r0 += R) {
-      const index_t rows = (std::min)(R, b.expert_offsets[e + 1] - r0);
+    for_each_row_block(b.expert_offsets[e], b.expert_offsets[e + 1], [&](index_t r0, index_t rows) noexcept {
       const T* pre = b.hidden + r0 * ld;
       const T* post = pre + fn;
       for (index_t i = 0; i < rows; ++i) {
@@ -243,7 +252,7 @@ void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_vie
       // product: dx_slot = dpre W1_e^T (w1_e is stored as W1_e^T, row-major f n x d)
       panel_product<T>(isa, rows, d, fn, {dpre, fn, nullptr}, panel_b<T>::row_major(w.w1_ptr(e), d, nr), nullptr,
                        b.dx_slot + r0 * d, d);
-    }
+    });
   });
 }
 

@@ -35,7 +35,7 @@ struct layer_buffers {
   index_t* sorted_slot = nullptr;     ///< (slots) plan slot of each sorted row
   index_t* slot_pos = nullptr;        ///< (slots) sorted row of each plan slot
   index_t* task_expert = nullptr;     ///< (max_tasks)
-  index_t* task_begin = nullptr;      ///< (max_tasks) first sorted row of the task
+  index_t* task_begin = nullptr;      ///< (max_tasks + 1) first sorted row of the task, then the end of the last
   T* hidden = nullptr;                ///< (slots, hidden_ld): [pre-activation (f n) | post (n)]
   T* out = nullptr;                   ///< (slots, d): expert output per sorted row (b2_e included)
   worker_scratch<T> out_tile;         ///< per worker (rows_per_task, d): expert outputs in inference
@@ -98,7 +98,7 @@ layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t to
   b.sorted_slot = c.take<index_t>(slots);
   b.slot_pos = c.take<index_t>(slots);
   b.task_expert = c.take<index_t>(max_tasks);
-  b.task_begin = c.take<index_t>(max_tasks);
+  b.task_begin = c.take<index_t>(c.add(max_tasks, 1));
   // Rows padded to 16 elements: every row's pre and post then sit at the same address modulo 64
   // bytes. Eigen's vectorised activation (activate_rows) peels scalar elements until its output
   // is aligned, and its scalar exp differs from its packet exp in the last bits, so an unpadded

@@ -17,10 +17,17 @@ DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 /// bitwise identical for any number of threads.
 inline constexpr index_t rows_per_task = 128;
 
-/// Tasks covering `rows` rows, rows_per_task at a time.
+/// Tasks covering `rows` rows, at most rows_per_task each.
 /// (Written so that it cannot overflow: layouts size absurd slot counts before refusing them.)
 inline constexpr index_t task_count(index_t rows) noexcept {
   return rows / rows_per_task + (rows % rows_per_task != 0 ? 1 : 0);
+}
+
+/// First row of task i of the `tasks` = task_count(rows) tasks over `rows` rows: an even cut (sizes
+/// differ by at most one), so an expert with 130 rows runs two tasks of 65, not 128 and a 2-row
+/// sliver whose every B load feeds 2 FMAs. A function of the row count only, never of the threads.
+inline constexpr index_t task_row_begin(index_t rows, index_t tasks, index_t i) noexcept {
+  return rows / tasks * i + rows % tasks * i / tasks;
 }
 
 /// Per-worker scratch: a slice per worker id, each 64-byte aligned.

@@ -21,8 +21,9 @@
 /// rank order): the expert products are batch invariant (one in-order FMA chain per element,
 /// cpu/detail/panel_kernels.hpp), so a row's output does not depend on the rows beside it; the
 /// owner's rows of an expert come in (rank, token) order, which is the global token order, so
-/// the per-expert weight-gradient sums (chunks of rows_per_task rows) see the same rows in the
-/// same chunks; the combine and dx sums run per token in slot order on the home rank.
+/// the per-expert weight-gradient sums (one FMA chain per element over the expert's rows in
+/// order, however they are cut into blocks) see the same rows in the same order; the combine and
+/// dx sums run per token in slot order on the home rank.
 /// Backward: g = w_s dy_t goes to the owner (forward direction), dx per slot comes back (reverse
 /// direction); the router gradients (and top-any thresholds) are replicated parameters whose
 /// single-process sums run over all tokens in token order with batch-wide statistics (load
@@ -339,12 +340,14 @@ class expert_parallel_layer {
         }
       }
       own_.expert_offsets[e - lo + 1] = pos;
-      for (index_t r = own_.expert_offsets[e - lo]; r < pos; r += detail::cpu_backend::rows_per_task) {
+      const index_t rows = pos - own_.expert_offsets[e - lo], tasks = detail::cpu_backend::task_count(rows);
+      for (index_t i = 0; i < tasks; ++i) {
         own_.task_expert[n_tasks] = e - lo;
-        own_.task_begin[n_tasks] = r;
+        own_.task_begin[n_tasks] = own_.expert_offsets[e - lo] + detail::cpu_backend::task_row_begin(rows, tasks, i);
         ++n_tasks;
       }
     }
+    own_.task_begin[n_tasks] = pos;  // the end of the last task
     const cpu_isa isa = active_cpu_isa();
     packed_.refresh(local_, isa);
     const matrix_view<const T> xr(xrecv_.data(), nrecv, d, d);

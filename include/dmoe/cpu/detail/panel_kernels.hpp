@@ -152,18 +152,26 @@ constexpr index_t max_panel_width() noexcept {
 }
 
 /// Packs a K x N operand into panels of nr columns, zero padded: dst[p][k][jj] = src(k, p nr + jj),
-/// where src(k, j) = src[k * sk + j * sn]. dst holds ceil(N / nr) * nr * K values. Cold path.
+/// where src(k, j) = src[k * sk + j * sn]. dst holds ceil(N / nr) * nr * K values. Runs after
+/// every optimizer step (the layer repacks on the next forward), so it is blocked: 16 depth rows
+/// of a panel at a time, whose writes (16 x nr values) stay in L1 while each source column gives
+/// one cache line; column by column over the whole depth took twice as long (shape S, 18.9 MB:
+/// 6.3-7 ms against 3.0-3.4 ms on an Intel Xeon core).
 template <class T>
 void pack_panels(index_t K, index_t N, const T* src, index_t sk, index_t sn, index_t nr, T* dst) noexcept {
+  constexpr index_t kb = 16;
   for (index_t j0 = 0; j0 < N; j0 += nr) {
     const index_t cols = (std::min)(nr, N - j0);
     T* panel = dst + (j0 / nr) * K * nr;
-    for (index_t jj = 0; jj < cols; ++jj) {  // column by column: src columns are contiguous in k
-      const T* s = src + (j0 + jj) * sn;
-      for (index_t k = 0; k < K; ++k) panel[k * nr + jj] = s[k * sk];
+    for (index_t k0 = 0; k0 < K; k0 += kb) {
+      const index_t k1 = (std::min)(K, k0 + kb);
+      for (index_t jj = 0; jj < cols; ++jj) {
+        const T* s = src + (j0 + jj) * sn;
+        for (index_t k = k0; k < k1; ++k) panel[k * nr + jj] = s[k * sk];
+      }
+      for (index_t k = k0; k < k1; ++k)
+        for (index_t jj = cols; jj < nr; ++jj) panel[k * nr + jj] = T(0);
     }
-    for (index_t k = 0; k < K; ++k)
-      for (index_t jj = cols; jj < nr; ++jj) panel[k * nr + jj] = T(0);
   }
 }
 
