@@ -223,7 +223,7 @@ class MoE(nn.Module):
         if self.layer.policy != "dynamic_k":
             raise ValueError(f"router_regression_loss: needs policy 'dynamic_k', this layer is '{self.layer.policy}'")
         _check_cpu(x, "router_regression_loss", "x")
-        self._check_params()
+        self._check_params(self._params())
         x2 = x.detach().reshape(-1, self.layer.d_model).contiguous()
         if targets is None:
             t = torch.from_numpy(self.layer.router_targets(x2))
