@@ -395,6 +395,7 @@ void print_help() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  dmoe_bench::openblas_choose_core(argv);
   bool force = false;
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {

@@ -25,6 +25,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <cerrno>
+#include <strings.h>
+#include <unistd.h>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -106,6 +111,45 @@ inline void openblas_threads(int threads) {
   openblas_set_num_threads(threads < 1 ? 1 : threads);
 #else
   (void)threads;
+#endif
+}
+
+/// OpenBLAS (DYNAMIC_ARCH) picks its kernels from CPUID when it loads. Under some hypervisors it
+/// does not recognise the CPU and falls back to its oldest x86-64 kernels (seen on an Intel Xeon
+/// KVM guest with AVX-512: "Prescott", SSE3 only, 18% of the FMA peak for a dense GEMM against 84%
+/// with its SkylakeX kernels), which would make the OpenBLAS peers look several times slower than
+/// OpenBLAS is. When that happened on a CPU with AVX-512 or AVX2+FMA and OPENBLAS_CORETYPE is not
+/// set, this re-executes the binary with OPENBLAS_CORETYPE=SkylakeX (AVX-512) or Haswell (AVX2),
+/// saying so on stderr; the JSON context's `openblas` key records the core in use. Call first in
+/// main, with main's argv.
+inline void openblas_choose_core(char** argv) {
+#if DMOE_BENCH_HAVE_OPENBLAS && (defined(__x86_64__) || defined(__i386__))
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
+  const char* core = openblas_get_corename();
+  static const char* const pre_avx[] = {"prescott", "core2", "penryn", "dunnington", "nehalem", "atom",
+                                        "opteron", "opteron_sse3", "barcelona", "bobcat", "katmai",
+                                        "coppermine", "northwood", "banias"};
+  bool old = false;
+  for (const char* c : pre_avx) old = old || strcasecmp(core, c) == 0;
+  if (!old) return;
+  __builtin_cpu_init();
+  const char* want = nullptr;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl"))
+    want = "SkylakeX";
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    want = "Haswell";
+  if (want == nullptr) return;
+  std::fprintf(stderr,
+               "dmoe bench: OpenBLAS chose its %s kernels on a CPU with %s (it did not recognise this CPU); "
+               "running again with OPENBLAS_CORETYPE=%s so that the OpenBLAS peers use the kernels it has for it\n",
+               core, std::strcmp(want, "SkylakeX") == 0 ? "AVX-512" : "AVX2+FMA", want);
+  setenv("OPENBLAS_CORETYPE", want, 1);
+  execv("/proc/self/exe", argv);
+  std::fprintf(stderr, "dmoe bench: re-executing failed (%s); the OpenBLAS peers keep the %s kernels\n",
+               std::strerror(errno), core);
+#else
+  (void)argv;
 #endif
 }
 
