@@ -6,6 +6,7 @@ bound yet). See docs/python.md.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -68,15 +69,19 @@ class _MoEFunction(torch.autograd.Function):
         weights = None
         if daux is not None:
             weights = dict(zip(AUX_NAMES, (float(v) for v in daux.tolist())))
+        module = ctx.module()
         try:
-            dx, grads = layer.backward(x.detach(), dy, workspace=ws, aux_weights=weights)
+            reuse = module._take_grads() if module is not None else None
+            dx, grads = layer.backward(x.detach(), dy, workspace=ws, aux_weights=weights, grads=reuse)
         finally:
-            module = ctx.module()
             if module is not None:
                 module._give_workspace(ws)
             ctx.ws = None
-        # Fresh gradient buffers per backward, viewed without a copy: autograd may keep them as
-        # .grad or add them to an existing .grad; nothing else writes them afterwards.
+        if module is not None:
+            module._grads = grads
+        # The gradient buffers are viewed without a copy: autograd keeps them as .grad or adds them
+        # to an existing .grad. The next backward writes into them again only once no view of
+        # them is left (_take_grads), e.g. after zero_grad() dropped the .grad tensors.
         g = grads.tensors()
         return (torch.from_numpy(dx), None) + tuple(torch.from_numpy(g[n]) for n in ctx.param_names)
 
@@ -110,6 +115,7 @@ class MoE(nn.Module):
             self._param_names.append(name)
             self._ptrs[name] = arr.__array_interface__["data"][0]
         self._free: List[_core.Workspace] = []
+        self._grads: Optional[_core.Gradients] = None  # the last backward's buffers (_take_grads)
         self._adapter: Optional[_core.ExpertCountAdapter] = None
         self._interval = int(adapt_interval)
         if adaptive:
@@ -139,6 +145,16 @@ class MoE(nn.Module):
         # Parameter replaces); reading the dict directly skips Module.__getattr__ on the hot path.
         ps = self._parameters
         return [ps[n] for n in self._param_names]  # type: ignore[misc]
+
+    def _take_grads(self) -> Optional[_core.Gradients]:
+        # Reusing the last backward's gradient buffers saves allocating and faulting in a new set
+        # (19 MB at shape S: 9 ms of a 73 ms training step measured). Safe only when nothing views
+        # them: every NumPy view (and the torch tensors over them, e.g. a .grad) holds a reference
+        # to the Gradients object, so its count is then exactly ours (attribute, local, argument).
+        g = self._grads
+        if g is not None and sys.getrefcount(g) == 3:
+            return g
+        return None
 
     def _check_params(self, params: List[nn.Parameter]) -> None:
         for name, p in zip(self._param_names, params):

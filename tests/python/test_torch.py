@@ -237,6 +237,42 @@ def test_two_pending_forwards_backward_independently():
     torch.testing.assert_close(a.grad, ga, rtol=0, atol=0)
 
 
+def test_gradient_buffers_reused_only_when_nothing_views_them():
+    """backward writes into the last backward's gradient buffers only once no .grad (or other
+    view) holds them: kept .grads accumulate correctly, dropped ones are reused."""
+    torch.manual_seed(0)
+    m = dt.MoE(16, 4, 8, policy="top_k", k=2, seed=5)
+    xa, xb = torch.randn(6, 16), torch.randn(9, 16)
+
+    def grads_of(x):
+        for p in m.parameters():
+            p.grad = None
+        m(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    ga, gb = grads_of(xa), grads_of(xb)
+    # Kept .grad (no zero_grad): the second backward must not overwrite the first's buffers.
+    for p in m.parameters():
+        p.grad = None
+    m(xa).square().sum().backward()
+    held = {n: p.grad for n, p in m.named_parameters()}
+    m(xb).square().sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ga[n] + gb[n], rtol=1e-6, atol=1e-6)
+    # Dropped .grad (zero_grad(set_to_none=True)): the buffers are reused, the values fresh.
+    del held
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    opt.zero_grad(set_to_none=True)
+    m(xa).square().sum().backward()
+    first = m.w1.grad.data_ptr()
+    torch.testing.assert_close(m.w1.grad, ga["w1"], rtol=0, atol=0)
+    opt.zero_grad(set_to_none=True)
+    m(xb).square().sum().backward()
+    assert m.w1.grad.data_ptr() == first
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, gb[n], rtol=0, atol=0)
+
+
 def test_d2dmoe_router_loss_and_sparsity():
     torch.manual_seed(3)
     m = dt.MoE(8, 4, 6, policy="dynamic_k", tau=0.5, router_hidden=5, seed=1)
