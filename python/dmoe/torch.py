@@ -148,7 +148,8 @@ class MoE(nn.Module):
 
     def _take_grads(self) -> Optional[_core.Gradients]:
         # Reusing the last backward's gradient buffers saves allocating and faulting in a new set
-        # (19 MB at shape S: 9 ms of a 73 ms training step measured). Safe only when nothing views
+        # (19 MB at shape S: layer.backward took 52 ms with new buffers against 43 ms reusing them,
+        # and a training step 2-3 ms less, on an Intel Xeon core). Safe only when nothing views
         # them: every NumPy view (and the torch tensors over them, e.g. a .grad) holds a reference
         # to the Gradients object, so its count is then exactly ours (attribute, local, argument).
         g = self._grads
