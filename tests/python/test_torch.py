@@ -286,7 +286,7 @@ def test_d2dmoe_router_loss_and_sparsity():
     r = (torch.relu(x.double() @ w_in.T) @ w_out.T).abs()
     ref = ((r - t) ** 2).mean()
     ref.backward()
-    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     torch.testing.assert_close(m.router_w_in.grad.double(), w_in.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(m.router_w_out.grad.double(), w_out.grad, rtol=1e-4, atol=1e-6)
     # targets: the L2 norms of each expert's output without b2
@@ -302,7 +302,7 @@ def test_d2dmoe_router_loss_and_sparsity():
         s1 = ad.abs().sum(1)
         rv = ((s1 ** 2) / (ad ** 2).sum(1)).mean() if kind == "hoyer_squared" else s1.mean()
         (rg,) = torch.autograd.grad(rv, ad)
-        assert float(v) == pytest.approx(float(rv), rel=1e-5)
+        assert float(v.detach()) == pytest.approx(float(rv.detach()), rel=1e-5)
         torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="needs policy 'dynamic_k'"):
         dt.MoE(8, 4, 4).router_regression_loss(x)
