@@ -15,6 +15,20 @@
 
 DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
+/// Appends the tasks of expert e, whose sorted rows are [begin, end) (the even cut of
+/// for_each_row_block), to b's task list after its first n_tasks entries, and writes the end
+/// sentinel: task t ends where task t + 1 begins. Returns the new number of tasks.
+template <class T>
+index_t append_expert_tasks(layer_buffers<T>& b, index_t e, index_t begin, index_t end, index_t n_tasks) noexcept {
+  for_each_row_block(begin, end, [&](index_t r0, index_t) noexcept {
+    b.task_expert[n_tasks] = e;
+    b.task_begin[n_tasks] = r0;
+    ++n_tasks;
+  });
+  b.task_begin[n_tasks] = end;
+  return n_tasks;
+}
+
 /// Fills expert_offsets, sorted_token, sorted_slot, slot_pos and the task list from b.plan.
 /// Returns the number of tasks.
 template <class T>
@@ -36,15 +50,7 @@ index_t dispatch(layer_buffers<T>& b, index_t E) noexcept {
       b.slot_pos[s] = pos;
     }
   index_t n_tasks = 0;
-  for (index_t e = 0; e < E; ++e) {
-    const index_t rows = off[e + 1] - off[e], tasks = task_count(rows);
-    for (index_t i = 0; i < tasks; ++i) {
-      b.task_expert[n_tasks] = e;
-      b.task_begin[n_tasks] = off[e] + task_row_begin(rows, tasks, i);
-      ++n_tasks;
-    }
-  }
-  b.task_begin[n_tasks] = off[E];  // tasks are contiguous in sorted rows: task t ends where t + 1 begins
+  for (index_t e = 0; e < E; ++e) n_tasks = append_expert_tasks(b, e, off[e], off[e + 1], n_tasks);
   return n_tasks;
 }
 

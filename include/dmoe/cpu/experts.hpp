@@ -119,16 +119,6 @@ task_rows rows_of_task(const layer_buffers<T>& b, index_t task) noexcept {
   return {b.task_expert[task], b.task_begin[task], b.task_begin[task + 1] - b.task_begin[task]};
 }
 
-/// Calls f(r0, rows) for the even cut (task_row_begin) of sorted rows [begin, end) into blocks of
-/// at most rows_per_task, in order.
-template <class F>
-void for_each_row_block(index_t begin, index_t end, F&& f) {
-  const index_t rows = end - begin, tasks = task_count(rows);
-  for (index_t i = 0; i < tasks; ++i) {
-    const index_t r0 = task_row_begin(rows, tasks, i);
-    f(begin + r0, task_row_begin(rows, tasks, i + 1) - r0);
-  }
-}
 
 /// First product and activation of every task (infer's fused path runs the second product per
 /// column block afterwards, expert_outputs_combined).

@@ -30,6 +30,17 @@ inline constexpr index_t task_row_begin(index_t rows, index_t tasks, index_t i) 
   return rows / tasks * i + rows % tasks * i / tasks;
 }
 
+/// Calls f(r0, rows) for the even cut (task_row_begin) of sorted rows [begin, end) into blocks of
+/// at most rows_per_task, in order.
+template <class F>
+void for_each_row_block(index_t begin, index_t end, F&& f) {
+  const index_t rows = end - begin, tasks = task_count(rows);
+  for (index_t i = 0; i < tasks; ++i) {
+    const index_t r0 = task_row_begin(rows, tasks, i);
+    f(begin + r0, task_row_begin(rows, tasks, i + 1) - r0);
+  }
+}
+
 /// Per-worker scratch: a slice per worker id, each 64-byte aligned.
 template <class T>
 struct worker_scratch {

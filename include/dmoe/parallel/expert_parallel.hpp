@@ -340,14 +340,8 @@ class expert_parallel_layer {
         }
       }
       own_.expert_offsets[e - lo + 1] = pos;
-      const index_t rows = pos - own_.expert_offsets[e - lo], tasks = detail::cpu_backend::task_count(rows);
-      for (index_t i = 0; i < tasks; ++i) {
-        own_.task_expert[n_tasks] = e - lo;
-        own_.task_begin[n_tasks] = own_.expert_offsets[e - lo] + detail::cpu_backend::task_row_begin(rows, tasks, i);
-        ++n_tasks;
-      }
+      n_tasks = detail::cpu_backend::append_expert_tasks(own_, e - lo, own_.expert_offsets[e - lo], pos, n_tasks);
     }
-    own_.task_begin[n_tasks] = pos;  // the end of the last task
     const cpu_isa isa = active_cpu_isa();
     packed_.refresh(local_, isa);
     const matrix_view<const T> xr(xrecv_.data(), nrecv, d, d);

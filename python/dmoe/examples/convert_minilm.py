@@ -29,6 +29,7 @@ loaded offline.
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -37,7 +38,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # converted model 0.54x the original at full FFN FLOPs and 0.99x at 30% of them; with passive
 # waiting 0.88x and 1.52x (docs/python.md, "Threads"). Read by libgomp when torch is imported, so
 # set here, before the import, unless the user chose a policy.
-if "torch" not in __import__("sys").modules:
+if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
@@ -46,7 +47,6 @@ import copy
 import json
 import math
 import re
-import sys
 import sysconfig
 import tempfile
 import time

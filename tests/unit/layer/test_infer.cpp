@@ -18,14 +18,14 @@ namespace {
 
 namespace cb = dmoe::detail::cpu_backend;
 
-/// Moves infer's fused/unfused cut for the scope of a test (0: always fused, on any number of
-/// workers; the largest value: never fused).
+/// Moves infer's fused/unfused cut for the scope of a test: fused from `bytes` of slot outputs
+/// (0: always; the largest value: never) on at most `workers` workers.
 struct fused_cut {
   std::size_t before = cb::fused_combine_min_bytes().load();
   dmoe::index_t workers_before = cb::fused_combine_max_workers().load();
-  explicit fused_cut(std::size_t bytes) {
+  fused_cut(std::size_t bytes, dmoe::index_t workers) {
     cb::fused_combine_min_bytes().store(bytes);
-    cb::fused_combine_max_workers().store(bytes == 0 ? 1 << 20 : workers_before);
+    cb::fused_combine_max_workers().store(workers);
   }
   ~fused_cut() {
     cb::fused_combine_min_bytes().store(before);
@@ -52,7 +52,7 @@ void check_infer(std::uint64_t seed) {
   row_matrix<T> y_fwd = row_matrix<T>::Constant(p.tokens, p.d, T(-1));
   REQUIRE(c.layer.forward({}, c.x, y_fwd, c.ws).ok());
   for (std::size_t cut : {std::size_t(0), std::size_t(1) << 20, std::size_t(-1)}) {
-    fused_cut scope(cut);
+    fused_cut scope(cut, 1 << 20);  // on any number of workers
     for (const auto& ctx : ctxs) {
       CAPTURE(cut);
       CAPTURE(ctx.concurrency());
@@ -65,7 +65,7 @@ void check_infer(std::uint64_t seed) {
     }
   }
   // And the instruction sets (both AVX-512 tiles), fused.
-  fused_cut scope(0);
+  fused_cut scope(0, 1);
   const dmoe::cpu_isa before = dmoe::active_cpu_isa();
   for (int i = int(dmoe::cpu_isa::portable); i <= int(dmoe::supported_cpu_isa()); ++i) {
     REQUIRE(dmoe::set_cpu_isa(dmoe::cpu_isa(i)).ok());
