@@ -7,25 +7,24 @@
 /// layer sees the same input rows: the memory traffic is that of a real decode step, without the
 /// numerics of a deep random network).
 ///
-/// L is chosen at run time so that the weight bytes ONE token touches in one step (its 6 experts in
-/// every layer, plus the routers) are at least twice the last-level cache (read at run time,
-/// bench_limits.hpp): between two visits of a layer's expert, twice the cache has gone through it,
-/// so the weights come from DRAM. On a machine with a 480 MiB L3 that is about 210 layers, 4 GB of
-/// fp32 weights. Total weights are capped at a third of the free memory (the label then says by
+/// L is chosen at run time so that the weight bytes ONE token touches in one step with 16-bit
+/// storage (its 6 experts in every layer, plus the routers) are at least twice the last-level
+/// cache (read at run time, bench_limits.hpp): between two visits of a layer's expert, twice the
+/// cache has gone through it, so the weights come from DRAM (fp32 touches twice as much). On a
+/// machine with a 480 MiB L3 that is about 400 layers. The layers (float master weights plus the
+/// kernels' panels, 2 x 18.9 MB each) are capped at half the free memory (the label then says by
 /// how much the touched bytes fall short). --dmoe_decode_layers=N overrides L.
 ///
-///   decode_dram/T/tokens:N/threads:P   all L layers
-///   decode_hot/T/tokens:N/threads:P    the first 4 layers only (<= 80 MB: cache-resident after the
+///   decode_dram/S/tokens:N/threads:P   all L layers, expert matrices read in storage S
+///                                      (fp32, bf16 or f16: moe_layer::set_weight_storage)
+///   decode_hot/S/tokens:N/threads:P    the first 4 layers only (<= 80 MB: cache-resident after the
 ///                                      first pass), the same code from cache, for comparison
-/// Counters: layers; weights_GB (all layers); touched_MB (weight bytes the step reads: for each
-/// layer, the experts its tokens use plus the router and output bias, from the routing of the
-/// benchmark's input); touched_vs_llc; GB/s = touched bytes / step time; pct_read_bw = that over
-/// the measured read bandwidth of the same thread count (bench_limits.hpp).
-///
-/// fp32 now. The bf16 variant is one template argument away (bm_decode<Eigen::bfloat16, float>),
-/// registered only when DMOE_BENCH_DECODE_BF16 is 1: moe_layer<Eigen::bfloat16, dmoe::cpu, ...>
-/// does not compile yet (the CPU backend computes in float or double; bf16 weight storage is
-/// issue 10 item 6). Turn it on when it does.
+/// Counters: layers; weights_GB (all layers, as the kernels read them); touched_MB (weight bytes
+/// the step reads: for each layer, the experts its tokens use plus the router and output bias,
+/// from the routing of the benchmark's input, W1 and W2 at the storage's bytes per value);
+/// touched_vs_llc; GB/s = touched bytes / step time; pct_read_bw = that over the measured read
+/// bandwidth of the same thread count (bench_limits.hpp). The tokens/s of bf16 against fp32 is the
+/// figure that matters: the same layers, half the expert bytes.
 ///
 ///   bench_decode --benchmark_out=decode.json --benchmark_out_format=json
 ///   python3 scripts/bench_table.py --decode decode.json
@@ -46,10 +45,6 @@
 #include "bench_common.hpp"
 #include "bench_limits.hpp"
 
-#ifndef DMOE_BENCH_DECODE_BF16
-#define DMOE_BENCH_DECODE_BF16 0
-#endif
-
 namespace {
 
 using namespace dmoe_bench;
@@ -61,28 +56,25 @@ constexpr int thread_counts[] = {1, 2};
 
 index_t layers_override = 0;  // --dmoe_decode_layers=N
 
-template <class T>
-using decode_layer = dmoe::moe_layer<T, dmoe::cpu, dmoe::top_k, dmoe::relu>;
+using decode_layer = dmoe::moe_layer<float, dmoe::cpu, dmoe::top_k, dmoe::relu>;
 
-/// Weight bytes of one expert (W1, b1, W2; no per-expert bias in shape S) and of the router +
-/// output bias, as stored in T.
-template <class T>
-double expert_bytes(const decode_layer<T>& l) {
+double matrix_value_bytes(dmoe::weight_storage s) { return s == dmoe::weight_storage::f32 ? 4.0 : 2.0; }
+
+/// Weight bytes the kernels read for one expert (W1 and W2 in storage s, b1 in float; no
+/// per-expert bias in shape S) and for the router + output bias (float).
+double expert_bytes(const decode_layer& l, dmoe::weight_storage s) {
   const double d = double(l.d_model()), n = double(l.expert_width());
-  return (d * n + n + n * d + (l.config().expert_bias ? d : 0.0)) * double(sizeof(T));
+  return 2.0 * d * n * matrix_value_bytes(s) + (n + (l.config().expert_bias ? d : 0.0)) * 4.0;
 }
-template <class T>
-double shared_bytes(const decode_layer<T>& l) {
+double shared_bytes(const decode_layer& l) {
   const double d = double(l.d_model()), E = double(l.num_experts());
-  return (d * E + E + (l.config().output_bias ? d : 0.0)) * double(sizeof(T));
+  return (d * E + E + (l.config().output_bias ? d : 0.0)) * 4.0;
 }
 
-/// The stack of layers for scalar T, built once (cold path: seconds for hundreds of layers).
-template <class T>
+/// The stack of layers, built once (cold path: seconds for hundreds of layers).
 struct decode_stack {
-  std::vector<std::unique_ptr<decode_layer<T>>> layers;
+  std::vector<std::unique_ptr<decode_layer>> layers;
   std::string note;  ///< how L was chosen
-  double total_bytes = 0;
 
   static decode_stack& get() {
     static decode_stack s = build();
@@ -93,18 +85,20 @@ struct decode_stack {
     decode_stack s;
     const machine_limits& lim = probe();
     auto make = [](index_t i) {
-      auto l = std::make_unique<decode_layer<T>>(shape_s(), dmoe::top_k_options{decode_k, true});
+      auto l = std::make_unique<decode_layer>(shape_s(), dmoe::top_k_options{decode_k, true});
       l->randomize(weight_seed + 7919u * std::uint64_t(i));
       return l;
     };
     auto first = make(0);
-    const double per_layer_total = expert_bytes(*first) * double(first->num_experts()) + shared_bytes(*first);
-    const double per_layer_touched_1 = expert_bytes(*first) * double(decode_k) + shared_bytes(*first);
+    const auto half = dmoe::weight_storage::bf16;
+    // Memory per layer: the float master weights and the kernels' panels of the same size.
+    const double per_layer_memory = 2.0 * expert_bytes(*first, dmoe::weight_storage::f32) * double(first->num_experts());
+    const double per_layer_touched_1 = expert_bytes(*first, half) * double(decode_k) + shared_bytes(*first);
     index_t L = index_t(std::ceil(2.0 * double(lim.llc_bytes) / per_layer_touched_1));
-    s.note = "L: 1 token touches >= 2x LLC";
+    s.note = "L: 1 token touches >= 2x LLC in 16 bits";
     const double avail = double(limits_detail::available_memory());
-    if (avail > 0 && double(L) * per_layer_total > avail / 3) {
-      L = std::max<index_t>(hot_layers, index_t(avail / 3 / per_layer_total));
+    if (avail > 0 && double(L) * per_layer_memory > avail / 2) {
+      L = std::max<index_t>(hot_layers, index_t(avail / 2 / per_layer_memory));
       s.note = "L capped by free memory (1 token touches " +
                limits_detail::fmt1(double(L) * per_layer_touched_1 / double(lim.llc_bytes)) + "x LLC)";
     }
@@ -120,31 +114,32 @@ struct decode_stack {
     s.layers.reserve(std::size_t(L));
     s.layers.push_back(std::move(first));
     for (index_t i = 1; i < L; ++i) s.layers.push_back(make(i));
-    s.total_bytes = double(L) * per_layer_total;
     return s;
   }
 };
 
-/// Steps `tokens` rows through the first `count` layers of the stack per iteration.
-template <class T, class X = T>
-void bm_decode(benchmark::State& state, index_t tokens, int threads, bool hot) {
+/// Steps `tokens` rows through the first `count` layers of the stack per iteration, the expert
+/// matrices read in `storage`.
+void bm_decode(benchmark::State& state, dmoe::weight_storage storage, index_t tokens, int threads, bool hot) {
   try {
-    auto& stack = decode_stack<T>::get();
+    auto& stack = decode_stack::get();
     const index_t count = hot ? hot_layers : index_t(stack.layers.size());
     const auto ctx = context_for(threads);
     const auto& l0 = *stack.layers[0];
     dmoe::workspace_buffer ws(l0.workspace_size(ctx, tokens));
-    dmoe::row_matrix<X> x = input(tokens).template cast<X>();
-    dmoe::row_matrix<X> y(tokens, l0.d_model());
-    // Set-up pass: routing of every layer, hence the weight bytes one step touches.
+    dmoe::row_matrix<float> x = input(tokens);
+    dmoe::row_matrix<float> y(tokens, l0.d_model());
+    // Set-up pass: the storage (packed by this first forward), the routing of every layer, hence
+    // the weight bytes one step touches.
     double touched = 0;
     dmoe::routing_stats stats(l0.num_experts());
     for (index_t i = 0; i < count; ++i) {
-      const auto& l = *stack.layers[std::size_t(i)];
+      auto& l = *stack.layers[std::size_t(i)];
+      l.set_weight_storage(storage);
       if (auto s = l.forward(ctx, x, y, ws, &stats); !s.ok()) return state.SkipWithError(s.message());
       index_t used = 0;
       for (index_t c : stats.tokens_per_expert) used += c > 0 ? 1 : 0;
-      touched += double(used) * expert_bytes(l) + shared_bytes(l);
+      touched += double(used) * expert_bytes(l, storage) + shared_bytes(l);
     }
     const auto t0 = std::chrono::steady_clock::now();
     for (auto _ : state) {
@@ -162,7 +157,8 @@ void bm_decode(benchmark::State& state, index_t tokens, int threads, bool hot) {
     const machine_limits& lim = probe();
     const double gbs = secs > 0 ? touched / secs / 1e9 : 0.0;
     state.counters["layers"] = double(count);
-    state.counters["weights_GB"] = double(count) / double(stack.layers.size()) * stack.total_bytes / 1e9;
+    state.counters["weights_GB"] =
+        double(count) * (expert_bytes(l0, storage) * double(l0.num_experts()) + shared_bytes(l0)) / 1e9;
     state.counters["touched_MB"] = touched / 1e6;
     state.counters["touched_vs_llc"] = touched / double(lim.llc_bytes);
     state.counters["GB/s"] = gbs;
@@ -175,14 +171,15 @@ void bm_decode(benchmark::State& state, index_t tokens, int threads, bool hot) {
   }
 }
 
-template <class T, class X = T>
-void register_type(const char* type_name) {
+void register_storage(dmoe::weight_storage storage) {
   for (index_t tokens : token_counts)
     for (int threads : thread_counts)
       for (bool hot : {true, false}) {
-        const std::string name = std::string(hot ? "decode_hot/" : "decode_dram/") + type_name +
+        const std::string name = std::string(hot ? "decode_hot/" : "decode_dram/") +
+                                 (storage == dmoe::weight_storage::f32 ? "fp32" : dmoe::to_string(storage)) +
                                  "/tokens:" + std::to_string(tokens) + "/threads:" + std::to_string(threads);
-        benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { bm_decode<T, X>(s, tokens, threads, hot); })
+        benchmark::RegisterBenchmark(name.c_str(),
+                                     [=](benchmark::State& s) { bm_decode(s, storage, tokens, threads, hot); })
             ->UseRealTime()
             ->Unit(benchmark::kMillisecond)
             ->ComputeStatistics("min", [](const std::vector<double>& v) {
@@ -231,10 +228,8 @@ int main(int argc, char** argv) {
   (void)force;
   benchmark::AddCustomContext("dmoe_version", version_string());
   benchmark::AddCustomContext("dmoe_shape", "S: d_model 768, 24 experts x 128, relu, top-k k=6 (f=0.25)");
-  register_type<float>("fp32");
-#if DMOE_BENCH_DECODE_BF16
-  register_type<Eigen::bfloat16, float>("bf16");
-#endif
+  for (auto storage : {dmoe::weight_storage::f32, dmoe::weight_storage::bf16, dmoe::weight_storage::f16})
+    register_storage(storage);
   int n = static_cast<int>(args.size());
   args.push_back(nullptr);
   benchmark::Initialize(&n, args.data(), print_help);

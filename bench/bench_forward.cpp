@@ -258,9 +258,12 @@ void bm_loop(benchmark::State& state, index_t tokens, int threads, double target
   }
 }
 
-std::string top_k_setting(layer_t<dmoe::top_k>& l, index_t k) {
+std::string top_k_setting(layer_t<dmoe::top_k>& l, index_t k,
+                          dmoe::weight_storage storage = dmoe::weight_storage::f32) {
   l.router().set_options({k, true});
-  return "top_k k=" + std::to_string(k);
+  l.set_weight_storage(storage);  // repacked by the warm-up run, outside the timing
+  return "top_k k=" + std::to_string(k) +
+         (storage == dmoe::weight_storage::f32 ? "" : std::string(" ") + dmoe::to_string(storage) + " weights");
 }
 
 std::string dynamic_k_setting(layer_t<dmoe::dynamic_k>& l, index_t tokens, double target) {
@@ -269,10 +272,11 @@ std::string dynamic_k_setting(layer_t<dmoe::dynamic_k>& l, index_t tokens, doubl
   return "dynamic_k " + (c.k_max > 0 ? "k_max=" + std::to_string(c.k_max) : "tau=" + fmt("%.4f", c.value));
 }
 
-void bm_top_k(benchmark::State& state, index_t tokens, int threads, index_t k, bool infer = false) {
+void bm_top_k(benchmark::State& state, index_t tokens, int threads, index_t k, bool infer = false,
+              dmoe::weight_storage storage = dmoe::weight_storage::f32) {
   bm_moe<dmoe::top_k>(
       state, tokens, threads, double(k) / double(num_experts),
-      [k](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k); }, infer);
+      [k, storage](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k, storage); }, infer);
 }
 
 void bm_dynamic_k(benchmark::State& state, index_t tokens, int threads, int percent, bool infer = false) {
@@ -313,6 +317,8 @@ void register_all() {
         const double f = double(k) / double(num_experts);
         reg("moe_top_k" + arg, [=](benchmark::State& s) { bm_top_k(s, tokens, threads, k); });
         reg("infer_top_k" + arg, [=](benchmark::State& s) { bm_top_k(s, tokens, threads, k, true); });
+        reg("infer_top_k_bf16" + arg,
+            [=](benchmark::State& s) { bm_top_k(s, tokens, threads, k, true, dmoe::weight_storage::bf16); });
         reg("loop_top_k" + arg, [=](benchmark::State& s) {
           bm_loop<dmoe::top_k>(s, tokens, threads, f, [k](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k); });
         });

@@ -274,8 +274,8 @@ def decode_markdown(records, ctx):
         if not m or len(parts) < 2 or "tokens" not in r["args"]:
             continue
         runs[(parts[1], r["args"]["tokens"], r["args"].get("threads", 1), m.group(1))] = r
-    head = ["type", "tokens", "threads", "layers", "touched MB", "touched / LLC", "t_step ms", "GB/s",
-            "read bw GB/s", "% read bw", "hot GB/s (4 layers)", "dram / hot"]
+    head = ["storage", "tokens", "threads", "layers", "touched MB", "touched / LLC", "t_step ms", "GB/s",
+            "read bw GB/s", "% read bw", "hot GB/s (4 layers)", "dram / hot", "fp32 time / this"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     for key in sorted(k for k in runs if k[3] == "dram"):
         r = runs[key]
@@ -290,6 +290,8 @@ def decode_markdown(records, ctx):
                f"{r.get('touched_vs_llc', 0):.2f}", fmt_time(r["t_ms"]), f"{gbs:.1f}" if gbs else "",
                f"{bw:.1f}" if bw else "", f"{100 * gbs / bw:.0f}" if gbs and bw else "",
                f"{hot_gbs:.1f}" if hot_gbs else "", f"{gbs / hot_gbs:.2f}" if gbs and hot_gbs else ""]
+        f32 = runs.get(("fp32", key[1], key[2], "dram"))
+        row.append(f"{f32['t_ms'] / r['t_ms']:.2f}" if f32 and r["t_ms"] else "")
         lines.append("| " + " | ".join(row) + " |")
     return lines
 

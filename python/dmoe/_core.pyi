@@ -89,12 +89,12 @@ class RoutingStats:
 class MoELayer:
     """A Mixture-of-Experts layer over dmoe's CPU kernels (float32)."""
 
-    def __init__(self, d_model: int, num_experts: int, expert_width: int, *, policy: str = 'top_k', activation: str = 'gelu_erf', k: int | None = None, renormalize: bool | None = None, tau: float | None = None, k_max: int | None = None, training: bool | None = None, hidden_bias: bool = True, expert_bias: bool = False, output_bias: bool = True, router_hidden: int = 128, seed: int | None = 0, threads: int | None = None, pool: ThreadPool | None = None) -> None:
+    def __init__(self, d_model: int, num_experts: int, expert_width: int, *, policy: str = 'top_k', activation: str = 'gelu_erf', k: int | None = None, renormalize: bool | None = None, tau: float | None = None, k_max: int | None = None, training: bool | None = None, hidden_bias: bool = True, expert_bias: bool = False, output_bias: bool = True, router_hidden: int = 128, seed: int | None = 0, threads: int | None = None, pool: ThreadPool | None = None, weight_storage: str = 'f32') -> None:
         """
         Builds a layer. policy: 'top_k' (options k, renormalize), 'dynamic_k' (tau, k_max, router_hidden) or
         'top_any' (training). activation: relu, gelu_erf, gelu_tanh, silu, swiglu, geglu. Weights are
         randomized from `seed` (None: all zero). threads: a pool of its own; pool: a shared ThreadPool;
-        neither: the module's default pool (one thread per core).
+        neither: the module's default pool (one thread per core). weight_storage: see the property.
         """
 
     @property
@@ -123,6 +123,18 @@ class MoELayer:
 
     @property
     def output_bias(self) -> bool: ...
+
+    @property
+    def weight_storage(self) -> str:
+        """
+        The format the expert products read W1 and W2 in: 'f32' (default), 'bf16' or 'f16'. With a 16-bit
+        format the kernels read copies rounded to nearest even (half the bytes per token) and accumulate in
+        float32: results are exactly those of a float32 layer holding the rounded W1, W2. The parameters
+        stay float32 (the master copy optimizers update); gradients are float32.
+        """
+
+    @weight_storage.setter
+    def weight_storage(self, arg: str, /) -> None: ...
 
     @property
     def threads(self) -> int:

@@ -81,6 +81,9 @@ class any_layer {
   /// The weights were written through views taken earlier: repack the kernels' panels.
   virtual void mark_modified() noexcept = 0;
   virtual expert_weights<float>& experts() noexcept = 0;
+  /// The format the kernels read W1 and W2 in (moe_layer::set_weight_storage).
+  virtual weight_storage storage() const noexcept = 0;
+  virtual void set_storage(weight_storage s) = 0;
 
   /// The routers, for the policy-specific calls (null for another policy).
   virtual top_any_router<float>* top_any() noexcept { return nullptr; }

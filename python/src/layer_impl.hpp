@@ -133,6 +133,8 @@ class layer_impl final : public any_layer {
   }
   expert_weights<float>& experts() noexcept override { return layer_.experts(); }
   void mark_modified() noexcept override { layer_.experts().mark_modified(); }
+  weight_storage storage() const noexcept override { return layer_.weight_storage(); }
+  void set_storage(weight_storage s) override { layer_.set_weight_storage(s); }
 
   top_any_router<float>* top_any() noexcept override {
     if constexpr (std::is_same_v<Policy, dmoe::top_any>)

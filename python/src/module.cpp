@@ -53,6 +53,14 @@ template <class... A>
   throw nb::type_error(buf);
 }
 
+/// The weight_storage named `s` ('f32', 'bf16', 'f16'), or ValueError naming the argument.
+weight_storage parse_storage(const std::string& s) {
+  weight_storage out = weight_storage::f32;
+  if (!parse_weight_storage(s.c_str(), out))
+    value_error("weight_storage must be 'f32', 'bf16' or 'f16', got '%s'", s.c_str());
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Arrays in. Any object nanobind can view without a copy (DLPack: PyTorch, JAX, CuPy...; the
 // buffer protocol: NumPy) is accepted if it is a float32 matrix on the CPU whose rows are
@@ -582,7 +590,7 @@ NB_MODULE(_core, m) {
              const std::string& activation, std::optional<index_t> k, std::optional<bool> renormalize,
              std::optional<double> tau, std::optional<index_t> k_max, std::optional<bool> training, bool hidden_bias,
              bool expert_bias, bool output_bias, index_t router_hidden, std::optional<std::uint64_t> seed,
-             std::optional<int> threads, std::shared_ptr<thread_pool> pool) {
+             std::optional<int> threads, std::shared_ptr<thread_pool> pool, const std::string& storage) {
             moe_config cfg;
             cfg.d_model = d_model;
             cfg.num_experts = num_experts;
@@ -596,7 +604,9 @@ NB_MODULE(_core, m) {
             if (policy == "top_k" && !k && num_experts >= 1 && num_experts < 2) k = 1;  // the default k=2 needs 2
             const layer_options o = merge_options(policy, layer_options{}, k, renormalize, tau, k_max, training);
             auto pl = choose_pool(threads, std::move(pool));
+            const weight_storage ws = parse_storage(storage);
             auto impl = make_any_layer(policy, activation, cfg, o);
+            impl->set_storage(ws);
             if (seed) impl->randomize(*seed);
             new (self) py_layer(wrap_layer(std::move(impl), std::move(pl)));
           },
@@ -604,11 +614,11 @@ NB_MODULE(_core, m) {
           "activation"_a = "gelu_erf", "k"_a = nb::none(), "renormalize"_a = nb::none(), "tau"_a = nb::none(),
           "k_max"_a = nb::none(), "training"_a = nb::none(), "hidden_bias"_a = true, "expert_bias"_a = false,
           "output_bias"_a = true, "router_hidden"_a = 128, "seed"_a.none() = 0, "threads"_a = nb::none(),
-          "pool"_a = nb::none(),
+          "pool"_a = nb::none(), "weight_storage"_a = "f32",
           "Builds a layer. policy: 'top_k' (options k, renormalize), 'dynamic_k' (tau, k_max, router_hidden) or\n"
           "'top_any' (training). activation: relu, gelu_erf, gelu_tanh, silu, swiglu, geglu. Weights are\n"
           "randomized from `seed` (None: all zero). threads: a pool of its own; pool: a shared ThreadPool;\n"
-          "neither: the module's default pool (one thread per core).")
+          "neither: the module's default pool (one thread per core). weight_storage: see the property.")
       .def_prop_ro("policy", [](const py_layer& l) { return std::string(l.impl->policy()); })
       .def_prop_ro("activation", [](const py_layer& l) { return std::string(l.impl->activation()); })
       .def_prop_ro("d_model", [](const py_layer& l) { return l.cfg().d_model; })
@@ -619,6 +629,13 @@ NB_MODULE(_core, m) {
       .def_prop_ro("hidden_bias", [](const py_layer& l) { return l.cfg().hidden_bias; })
       .def_prop_ro("expert_bias", [](const py_layer& l) { return l.cfg().expert_bias; })
       .def_prop_ro("output_bias", [](const py_layer& l) { return l.cfg().output_bias; })
+      .def_prop_rw(
+          "weight_storage", [](const py_layer& l) { return std::string(to_string(l.impl->storage())); },
+          [](py_layer& l, const std::string& s) { l.impl->set_storage(parse_storage(s)); },
+          "The format the expert products read W1 and W2 in: 'f32' (default), 'bf16' or 'f16'. With a 16-bit\n"
+          "format the kernels read copies rounded to nearest even (half the bytes per token) and accumulate in\n"
+          "float32: results are exactly those of a float32 layer holding the rounded W1, W2. The parameters\n"
+          "stay float32 (the master copy optimizers update); gradients are float32.")
       .def_prop_ro("threads", &py_layer::threads, "Threads the layer's calls run on.")
       .def_prop_ro("max_k", [](const py_layer& l) { return l.impl->max_k(); }, "Most experts one token can get.")
       .def_prop_ro("flops_per_slot", [](const py_layer& l) { return l.impl->flops_per_slot(); })

@@ -197,6 +197,47 @@ def test_save_and_load_roundtrip(tmp_path):
         dmoe.load_moe_layer(str(tmp_path / "missing.safetensors"))
 
 
+def _round_bf16(a):
+    """float32 -> nearest bfloat16 (ties to even), widened back: written here, not the library's."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("storage", ["bf16", "f16"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_weight_storage_is_the_rounded_float32_layer(storage, policy, tmp_path):
+    layer, x = make(policy, "swiglu", 21)
+    ref, _ = make(policy, "swiglu", 21)
+    rnd = _round_bf16 if storage == "bf16" else (lambda a: a.astype(np.float16).astype(np.float32))
+    for name in ("w1", "w2"):
+        ref.parameters()[name][:] = rnd(ref.parameters()[name])
+    ref.mark_modified()
+    assert layer.weight_storage == "f32"
+    y32 = layer.forward(x).copy()
+    layer.weight_storage = storage
+    assert layer.weight_storage == storage
+    y = layer.forward(x).copy()
+    np.testing.assert_array_equal(y, ref.forward(x))
+    assert not np.array_equal(y, y32)  # the rounding shows, else this proves nothing
+    dy = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
+    dx, g = layer.backward(x, dy)
+    dx_ref, g_ref = ref.backward(x, dy)
+    np.testing.assert_array_equal(dx, dx_ref)
+    for k, v in g.tensors().items():
+        np.testing.assert_array_equal(v, g_ref.tensors()[k], err_msg=k)
+    path = str(tmp_path / "l.safetensors")
+    layer.save(path)
+    back = dmoe.load_moe_layer(path)
+    assert back.weight_storage == storage
+    np.testing.assert_array_equal(back.forward(x), y)
+    built = dmoe.MoELayer(8, 4, 4, weight_storage=storage)
+    assert built.weight_storage == storage
+    with pytest.raises(ValueError, match="weight_storage must be"):
+        layer.weight_storage = "int8"
+    assert layer.weight_storage == storage
+
+
 class _Meta:
     """An object that is not an array."""
 
@@ -259,6 +300,7 @@ def test_bad_outputs_and_backward_arguments():
         (dict(policy="dynamic_k", tau=1.5), "tau must be in"),
         (dict(policy="dynamic_k", k_max=9), "k_max must be"),
         (dict(threads=0), "threads must be >= 1"),
+        (dict(weight_storage="fp8"), "weight_storage must be 'f32', 'bf16' or 'f16', got 'fp8'"),
         (dict(threads=2, pool=None), None),
     ],
 )

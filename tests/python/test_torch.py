@@ -192,6 +192,31 @@ def test_training_learns_a_teacher_ffn():
     assert end < 0.2 * start, (start, end)
 
 
+def test_bf16_weight_storage_trains_and_follows_the_optimizer():
+    # The kernels read bf16 copies of W1, W2; the nn.Parameters stay float32 masters. After each
+    # optimizer step the next forward must use the updated (re-rounded) weights: compare with a
+    # float32 layer loaded with the same parameters rounded to bf16.
+    torch.manual_seed(4)
+    d = 16
+    m = dt.MoE(d, 8, 16, policy="top_k", k=3, seed=5, weight_storage="bf16")
+    assert m.layer.weight_storage == "bf16"
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    X, Y = torch.randn(64, d), torch.randn(64, d)
+    losses = []
+    for _ in range(20):
+        loss = ((m(X) - Y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    ref = dt.MoE(d, 8, 16, policy="top_k", k=3, seed=5)
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+            q.copy_(p.to(torch.bfloat16).to(torch.float32) if name in ("w1", "w2") else p)
+        np.testing.assert_array_equal(m(X).numpy(), ref(X).numpy())
+
+
 def test_transformer_block_with_swapped_ffn_trains():
     torch.manual_seed(2)
     d = 32

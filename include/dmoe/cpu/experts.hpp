@@ -99,8 +99,8 @@ inline constexpr index_t output_block_cols = 128;
 /// First product and activation of one task: hidden = [b1_e + x_rows W1_e | act(.)], rows of x
 /// read in place through the sorted index, W1 from the packed panels `p` (current for `w` and
 /// `isa`: the layer refreshes them first).
-template <class Act, class T>
-void task_hidden(cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w, const packed_experts<T>& p,
+template <class Act, class T, class P>
+void task_hidden(cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w, const P& p,
                  const layer_buffers<T>& b, index_t e, index_t r0, index_t rows) noexcept {
   const index_t d = w.d_model(), n = w.width(), fn = width_factor<Act> * n, ld = b.hidden_ld;
   T* pre = b.hidden + r0 * ld;
@@ -122,9 +122,9 @@ task_rows rows_of_task(const layer_buffers<T>& b, index_t task) noexcept {
 
 /// First product and activation of every task (infer's fused path runs the second product per
 /// column block afterwards, expert_outputs_combined).
-template <class Act, class T>
+template <class Act, class T, class P>
 void expert_hidden(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w,
-                   const packed_experts<T>& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
+                   const P& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
   ctx.parallel_for(n_tasks, [&](index_t task, index_t) noexcept {
     const task_rows t = rows_of_task(b, task);
     task_hidden<Act>(isa, x, w, p, b, t.expert, t.begin, t.rows);
@@ -133,8 +133,8 @@ void expert_hidden(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x,
 
 /// Second product of sorted rows [r0, r0 + rows) of expert e, output columns [c0, c0 + nc):
 /// dst (row stride ldd) = b2_e + post W2_e.
-template <class T>
-void expert_output_columns(cpu_isa isa, const expert_weights<T>& w, const packed_experts<T>& p,
+template <class T, class P>
+void expert_output_columns(cpu_isa isa, const expert_weights<T>& w, const P& p,
                            const layer_buffers<T>& b, index_t fn, index_t e, index_t r0, index_t rows, index_t c0,
                            index_t nc, T* dst, index_t ldd) noexcept {
   const index_t n = w.width(), nr = tile_for<T>(isa).nr();
@@ -147,9 +147,9 @@ void expert_output_columns(cpu_isa isa, const expert_weights<T>& w, const packed
 /// Both products of every task, one task after the other on the same worker (its hidden rows are
 /// still in cache for the second), the expert outputs into b.out (per sorted row): forward keeps
 /// them for backward, and the expert-parallel owner sends them back before the combine.
-template <class Act, class T>
+template <class Act, class T, class P>
 void run_experts(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w,
-                 const packed_experts<T>& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
+                 const P& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
   const index_t d = w.d_model(), fn = width_factor<Act> * w.width();
   ctx.parallel_for(n_tasks, [&](index_t task, index_t) noexcept {
     const task_rows t = rows_of_task(b, task);
@@ -165,9 +165,9 @@ void run_experts(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, c
 /// expert outputs go to a per-worker tile, added into y while it is still in cache, and are not
 /// kept (inference: backward needs them in b.out, which run_experts writes). Writing them to b.out
 /// here instead was slower than run_experts + combine (column-block strided stores).
-template <class Act, class T>
+template <class Act, class T, class P>
 void expert_outputs_combined(const context<cpu>& ctx, cpu_isa isa, matrix_view<T> y, const expert_weights<T>& w,
-                             const packed_experts<T>& p, const layer_buffers<T>& b) noexcept {
+                             const P& p, const layer_buffers<T>& b) noexcept {
   const index_t d = w.d_model(), fn = width_factor<Act> * w.width(), E = w.num_experts();
   const T* b2 = w.output_bias_ptr();
   const index_t blocks = (d + output_block_cols - 1) / output_block_cols;
@@ -196,12 +196,11 @@ void expert_outputs_combined(const context<cpu>& ctx, cpu_isa isa, matrix_view<T
 /// task per expert owns that expert's gradients; rows are visited in sorted order in blocks of at
 /// most rows_per_task (for_each_row_block). Every gradient element is one chain over the expert's
 /// rows in sorted order, whatever the blocks: the cut changes no bit.
-template <class Act, class T>
-void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_view<const T> dy,
-                     const expert_weights<T>& w, expert_weights<T>& g, const layer_buffers<T>& b) noexcept {
+template <class Act, class T, class P>
+void expert_backward(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, matrix_view<const T> dy,
+                     const expert_weights<T>& w, const P& p, expert_weights<T>& g, const layer_buffers<T>& b) noexcept {
   const index_t d = w.d_model(), n = w.width(), fn = width_factor<Act> * n, ld = b.hidden_ld;
   const index_t R = rows_per_task;
-  const cpu_isa isa = active_cpu_isa();
   const index_t nr = tile_for<T>(isa).nr();
   ctx.parallel_for(w.num_experts(), [&](index_t e, index_t worker) noexcept {
     T* gbuf = b.bwd.get(worker);  // w_s * dy_t rows, then gathered x rows
@@ -223,9 +222,8 @@ void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_vie
           for (index_t j = 0; j < d; ++j) gb2e[j] += dst[j];
       }
       // dpost = g W2^T; dW2^T += g^T post (W2 is stored as its transpose, row-major d x n).
-      // product: dpost = g W2_e^T (w2_e is stored as W2_e^T, row-major d x n)
-      panel_product<T>(isa, rows, n, d, {gbuf, d, nullptr}, panel_b<T>::row_major(w.w2_ptr(e), n, nr), nullptr, dpost,
-                       n);
+      // product: dpost = g W2_e^T (w2_e is stored as W2_e^T, row-major d x n; or its 16-bit panels)
+      panel_product<T>(isa, rows, n, d, {gbuf, d, nullptr}, p.w2t(e, nr), nullptr, dpost, n);
       // product: dW2_e^T += g^T post
       panel_accumulate_at<T>(isa, d, n, rows, gbuf, d, panel_b<T>::row_major(post, ld, nr), gw2, n);
       activation_backward<Act>(pre, ld, dpost, dpre, rows, n);
@@ -239,9 +237,8 @@ void expert_backward(const context<cpu>& ctx, matrix_view<const T> x, matrix_vie
       }
       // product: dW1_e^T += dpre^T x_rows
       panel_accumulate_at<T>(isa, fn, d, rows, dpre, fn, panel_b<T>::row_major(gbuf, d, nr), gw1, d);
-      // product: dx_slot = dpre W1_e^T (w1_e is stored as W1_e^T, row-major f n x d)
-      panel_product<T>(isa, rows, d, fn, {dpre, fn, nullptr}, panel_b<T>::row_major(w.w1_ptr(e), d, nr), nullptr,
-                       b.dx_slot + r0 * d, d);
+      // product: dx_slot = dpre W1_e^T (w1_e is stored as W1_e^T, row-major f n x d; or 16-bit panels)
+      panel_product<T>(isa, rows, d, fn, {dpre, fn, nullptr}, p.w1t(e, nr), nullptr, b.dx_slot + r0 * d, d);
     });
   });
 }

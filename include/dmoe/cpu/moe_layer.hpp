@@ -25,6 +25,7 @@
 #include "../core/workspace.hpp"
 #include "../experts/activation.hpp"
 #include "../experts/expert_weights.hpp"
+#include "../experts/weight_storage.hpp"
 #include "../layer/moe_layer.hpp"
 #include "../layer/parameters.hpp"
 #include "../layer/spec.hpp"
@@ -48,8 +49,8 @@ template <class T, class Policy, class Activation, std::size_t Experts, std::siz
 class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     : detail::layer_checks<T, Policy, Activation, Experts, Width> {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "dmoe::moe_layer<T, dmoe::cpu, ...>: the CPU backend computes in float or double; 16-bit "
-                "storage types are for the CUDA backend");
+                "dmoe::moe_layer<T, dmoe::cpu, ...>: the CPU backend computes in float or double; for 16-bit "
+                "expert weights use moe_layer<float, cpu>::set_weight_storage(dmoe::weight_storage::bf16)");
   using spec = detail::layer_spec<Policy, Activation, Experts, Width>;
 
  public:
@@ -81,6 +82,18 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     experts_.randomize(seed);
     router_.randomize(seed ^ 0x5eedULL);
   }
+
+  /// The format the expert products read W1 and W2 in (dmoe::weight_storage; default f32).
+  /// With bf16 or f16 the kernels read copies rounded to nearest even (half the bytes per token:
+  /// decode, which streams the weights, runs up to twice as fast), widened exactly and accumulated
+  /// in float: forward, infer and backward give exactly the bits of a float layer whose W1 and W2
+  /// hold the rounded values. The float weights stay the master copy: experts(), optimizers and
+  /// IO see them unchanged, and gradients are float. Biases and the router stay float. Memory:
+  /// the 16-bit copies of W1, W2, W1^T, W2^T replace the float panels (the same bytes).
+  /// Throws dmoe::error: invalid_argument for 16-bit formats on a double layer, out_of_memory.
+  /// Cold path (allocates; the next forward packs); not while forward/backward run.
+  void set_weight_storage(dmoe::weight_storage s) { packed_.set_storage(s); }
+  dmoe::weight_storage weight_storage() const noexcept { return packed_.storage(); }
 
   /// Multiply-add FLOPs of one (token, expert) slot: 2 d n (2, or 3 if gated).
   double flops_per_slot() const noexcept { return spec::flops_per_slot(cfg_); }
@@ -185,7 +198,11 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     DMOE_TRY(backward_buffers(ws, tokens, ctx.concurrency(), b));
     grads.experts.set_zero();
     detail::cpu_backend::slot_weight_grads(ctx, dy, b, cfg_.d_model);
-    detail::cpu_backend::expert_backward<Activation>(ctx, x, dy, experts_, grads.experts, b);
+    const cpu_isa isa = active_cpu_isa();
+    packed_.refresh(experts_, isa, true);  // 16-bit storage: the transposed panels too
+    with_panels([&](const auto& p) {
+      detail::cpu_backend::expert_backward<Activation>(ctx, isa, x, dy, experts_, p, grads.experts, b);
+    });
     detail::cpu_backend::route_backward(router_, x, b.plan, b.router, b.dweight, aux, grads.router, dx, b.rgrad);
     detail::cpu_backend::input_grads(ctx, dx, b, cfg_.d_model);
     detail::cpu_backend::output_bias_grad(
@@ -232,17 +249,32 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     packed_.refresh(experts_, isa);  // no-op unless the weights or the instruction set changed
     const index_t slots = b.expert_offsets[num_experts()];
     // The bits are the same either way; fused_combine_pays says which is faster.
-    if (keep_outputs ||
-        !detail::cpu_backend::fused_combine_pays(slots, cfg_.d_model, sizeof(T), ctx.concurrency())) {
-      detail::cpu_backend::run_experts<Activation>(ctx, isa, x, experts_, packed_, b, n_tasks);
-      detail::cpu_backend::combine(ctx, isa, y, b, cfg_.d_model, experts_.output_bias_ptr());
-    } else {
-      detail::cpu_backend::expert_hidden<Activation>(ctx, isa, x, experts_, packed_, b, n_tasks);
-      detail::cpu_backend::expert_outputs_combined<Activation>(ctx, isa, y, experts_, packed_, b);
-    }
+    with_panels([&](const auto& p) {
+      if (keep_outputs ||
+          !detail::cpu_backend::fused_combine_pays(slots, cfg_.d_model, sizeof(T), ctx.concurrency())) {
+        detail::cpu_backend::run_experts<Activation>(ctx, isa, x, experts_, p, b, n_tasks);
+        detail::cpu_backend::combine(ctx, isa, y, b, cfg_.d_model, experts_.output_bias_ptr());
+      } else {
+        detail::cpu_backend::expert_hidden<Activation>(ctx, isa, x, experts_, p, b, n_tasks);
+        detail::cpu_backend::expert_outputs_combined<Activation>(ctx, isa, y, experts_, p, b);
+      }
+    });
     b.stamp->state = keep_outputs ? detail::workspace_stamp::complete : detail::workspace_stamp::inference;
     if (stats) stats->record(b.plan, flops_per_slot(), spec::router_flops_per_token(cfg_));
     return {};
+  }
+
+  /// Calls f with the expert panels in the current weight storage (float, bf16 or fp16 panels).
+  template <class F>
+  void with_panels(F&& f) const noexcept {
+    if constexpr (std::is_same_v<T, float>) {
+      switch (packed_.storage()) {
+        case weight_storage::bf16: f(packed_.template panels<detail::cpu_backend::bf16_t>(experts_)); return;
+        case weight_storage::f16: f(packed_.template panels<detail::cpu_backend::f16_t>(experts_)); return;
+        case weight_storage::f32: break;
+      }
+    }
+    f(packed_.template panels<T>(experts_));
   }
 
   status size_overflow(const char* who, index_t tokens, index_t threads) const noexcept {

@@ -10,7 +10,8 @@
 ///            dmoe.scalar, dmoe.d_model, dmoe.num_experts, dmoe.expert_width, dmoe.hidden_bias,
 ///            dmoe.expert_bias, dmoe.output_bias, dmoe.router_hidden and the policy's options
 ///            (dmoe.top_k.k, dmoe.top_k.renormalize | dmoe.dynamic_k.tau, dmoe.dynamic_k.k_max |
-///            dmoe.top_any.training);
+///            dmoe.top_any.training); optional dmoe.weight_storage (f32 | bf16 | f16: the CPU
+///            layer's set_weight_storage, restored by load; absent means f32);
 ///  tensors   experts.w1 (E, f n, d), experts.b1 (E, f n), experts.w2 (E, d, n),
 ///            experts.expert_bias (E, d), experts.output_bias (d) — per expert in nn.Linear
 ///            (out, in) layout, biases only when the configuration has them;
@@ -26,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../experts/weight_storage.hpp"
 #include "../layer/moe_layer.hpp"
 #include "safetensors.hpp"
 
@@ -133,6 +135,15 @@ inline std::vector<std::int64_t> shape_of(std::initializer_list<index_t> s) {
 
 /// Adds a layer's tensors and metadata to `w`, weights converted to `dtype` (the default keeps
 /// the layer's precision and makes the round trip exact; F16/BF16 round).
+namespace detail::io {
+/// Layers whose kernels can read 16-bit expert matrices (the CPU layer: set_weight_storage).
+template <class Layer, class = void>
+struct has_weight_storage : std::false_type {};
+template <class Layer>
+struct has_weight_storage<Layer, std::void_t<decltype(std::declval<const Layer&>().weight_storage())>>
+    : std::true_type {};
+}  // namespace detail::io
+
 template <class Layer>
 void save_moe_layer(safetensors_writer& w, const Layer& layer, st_dtype dtype = native_dtype<typename Layer::scalar_type>) {
   using T = typename Layer::scalar_type;
@@ -153,6 +164,8 @@ void save_moe_layer(safetensors_writer& w, const Layer& layer, st_dtype dtype = 
   w.set_metadata("dmoe.expert_bias", detail::io::meta_bool(c.expert_bias));
   w.set_metadata("dmoe.output_bias", detail::io::meta_bool(c.output_bias));
   w.set_metadata("dmoe.router_hidden", std::to_string(c.router_hidden));
+  if constexpr (detail::io::has_weight_storage<Layer>::value)  // optional: absent means f32
+    w.set_metadata("dmoe.weight_storage", to_string(layer.weight_storage()));
 
   std::vector<double> v;
   for (index_t e = 0; e < E; ++e) detail::io::append_transposed(v, ex.w1(e));
@@ -346,6 +359,19 @@ Layer load_moe_layer(const safetensors_file& f) {
         detail::raisef(errc::invalid_argument, "load_moe_layer '%s': router.active[%zu] = %g, expected 0 or 1",
                        f.label().c_str(), e, v[e]);
       r.active()[e] = static_cast<std::uint8_t>(v[e]);
+    }
+  }
+  if constexpr (detail::io::has_weight_storage<Layer>::value) {
+    const auto it = f.metadata().find("dmoe.weight_storage");
+    if (it != f.metadata().end()) {
+      weight_storage s = weight_storage::f32;
+      if (!parse_weight_storage(it->second.c_str(), s))
+        detail::raisef(errc::invalid_argument,
+                       "load_moe_layer '%s': metadata 'dmoe.weight_storage' = '%s', expected f32, bf16 or f16",
+                       f.label().c_str(), it->second.c_str());
+      if (s != weight_storage::f32 && !std::is_same_v<T, float>)
+        s = weight_storage::f32;  // a double layer reads the values in double: nothing is lost
+      layer.set_weight_storage(s);
     }
   }
   return layer;

@@ -345,7 +345,8 @@ class expert_parallel_layer {
     const cpu_isa isa = active_cpu_isa();
     packed_.refresh(local_, isa);
     const matrix_view<const T> xr(xrecv_.data(), nrecv, d, d);
-    detail::cpu_backend::run_experts<Activation>(ctx, isa, xr, local_, packed_, own_, n_tasks);
+    detail::cpu_backend::run_experts<Activation>(ctx, isa, xr, local_, packed_.template panels<T>(local_), own_,
+                                                 n_tasks);
     // 5. outputs back to the home ranks, straight into the sorted positions of home_.out.
     sendbuf_.resize(static_cast<std::size_t>(nrecv * d));
     for (index_t r = 0; r < nrecv; ++r)
@@ -418,7 +419,8 @@ class expert_parallel_layer {
     DMOE_TRY(exchange(sendbuf_.data(), send_rows_, home_offsets(), grecv_.data(), recv_rows_, recv_base_));
     grads.experts.set_zero();
     const matrix_view<const T> xr(xrecv_.data(), nrecv, d, d), gr(grecv_.data(), nrecv, d, d);
-    detail::cpu_backend::expert_backward<Activation>(ctx, xr, gr, local_, grads.experts, own_);
+    detail::cpu_backend::expert_backward<Activation>(ctx, active_cpu_isa(), xr, gr, local_,
+                                                     packed_.template panels<T>(local_), grads.experts, own_);
     // dx per slot back to the home ranks, into the single-process layer's sorted positions.
     sendbuf_.resize(static_cast<std::size_t>(nrecv * d));
     for (index_t r = 0; r < nrecv; ++r)

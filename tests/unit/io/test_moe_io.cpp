@@ -171,6 +171,54 @@ TEST_CASE("moe io: file on disk, metadata contents, 16-bit storage, and a float 
   CHECK(diff <= layer.experts().w1(0).cwiseAbs().maxCoeff() * 0x1p-8f);
 }
 
+TEST_CASE("moe io: the weight storage is recorded and restored; a BF16 file holds what bf16 kernels read") {
+  using layer_f = dmoe::moe_layer<float, dmoe::cpu, dmoe::top_k, dmoe::swiglu>;
+  using layer_d = dmoe::moe_layer<double, dmoe::cpu, dmoe::top_k, dmoe::swiglu>;
+  dmoe::moe_config cfg{40, 5, 24};
+  layer_f layer(cfg, {2, true});
+  layer.randomize(11);
+  dmoe::row_matrix<float> x = dmoe::row_matrix<float>::Random(7, 40), y16(7, 40), y(7, 40);
+  dmoe::workspace_buffer ws(layer.workspace_size({}, 7));
+  for (auto s : {dmoe::weight_storage::bf16, dmoe::weight_storage::f16}) {
+    CAPTURE(dmoe::to_string(s));
+    layer.set_weight_storage(s);
+    REQUIRE(layer.forward({}, x, y16, ws).ok());
+    dmoe::safetensors_writer w;
+    dmoe::save_moe_layer(w, layer);  // F32 tensors: the master weights, losslessly
+    const auto f = dmoe::safetensors_file::from_bytes(w.to_bytes());
+    CHECK(f.metadata_value("dmoe.weight_storage") == dmoe::to_string(s));
+    const auto back = dmoe::load_moe_layer<layer_f>(f);
+    CHECK(back.weight_storage() == s);
+    expect_same_parameters(layer, back);
+    REQUIRE(back.forward({}, x, y, ws).ok());
+    CHECK(y == y16);
+    CHECK(dmoe::load_moe_layer<layer_d>(f).weight_storage() == dmoe::weight_storage::f32);
+    // Tensors in the storage's own dtype hold exactly the values the kernels multiply by.
+    const auto dt = s == dmoe::weight_storage::bf16 ? dmoe::st_dtype::BF16 : dmoe::st_dtype::F16;
+    dmoe::safetensors_writer w16;
+    dmoe::save_moe_layer(w16, layer, dt);
+    const auto rounded = dmoe::load_moe_layer<layer_f>(dmoe::safetensors_file::from_bytes(w16.to_bytes()));
+    for (dmoe::index_t e = 0; e < 5; ++e)
+      for (dmoe::index_t i = 0; i < 40; ++i)
+        for (dmoe::index_t j = 0; j < 48; ++j) {
+          const float v = layer.experts().w1(e)(i, j);
+          const float want = s == dmoe::weight_storage::bf16 ? dmoe::detail::cpu_backend::round_through<dmoe::detail::cpu_backend::bf16_t>(v)
+                                                             : dmoe::detail::cpu_backend::round_through<dmoe::detail::cpu_backend::f16_t>(v);
+          REQUIRE(rounded.experts().w1(e)(i, j) == want);
+        }
+  }
+  // A storage name no version writes is refused, naming the key.
+  dmoe::safetensors_writer w;
+  dmoe::save_moe_layer(w, layer);
+  w.set_metadata("dmoe.weight_storage", "fp8");
+  try {
+    (void)dmoe::load_moe_layer<layer_f>(dmoe::safetensors_file::from_bytes(w.to_bytes()));
+    FAIL("loaded a layer with weight_storage fp8");
+  } catch (const dmoe::error& e) {
+    CHECK(std::string(e.what()).find("dmoe.weight_storage") != std::string::npos);
+  }
+}
+
 TEST_CASE("moe io: loading into another policy, activation or extent, or from an inconsistent file, is an error") {
   using topk = dmoe::moe_layer<float, dmoe::cpu, dmoe::top_k, dmoe::relu>;
   dmoe::moe_config cfg{6, 4, 3};

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "../../core/config.hpp"
+#include "half.hpp"
 #include "isa.hpp"
 
 #if DMOE_HAVE_X86_KERNELS
@@ -178,6 +179,43 @@ void pack_panels(index_t K, index_t N, const T* src, index_t sk, index_t sn, ind
 /// Values pack_panels writes for a K x N operand.
 constexpr index_t packed_panel_elems(index_t K, index_t N, index_t nr) noexcept { return (N + nr - 1) / nr * nr * K; }
 
+/// pack_panels into 16-bit panels (H = bf16_t or f16_t), each value rounded to nearest even. fp16
+/// panels keep the column order. bf16 panels interleave each pair of `lanes`-wide vectors: within
+/// columns [2 g L, 2 (g + 1) L) of a panel row, column 2 g L + l goes to position 2 g L + 2 l and
+/// column (2 g + 1) L + l to position 2 g L + 2 l + 1, so one load of 2 L values gives both
+/// vectors by a shift and a mask (load_bf16_pair). nr must be a multiple of 2 lanes.
+template <class H>
+void pack_panels_16(index_t K, index_t N, const float* src, index_t sk, index_t sn, index_t nr, int lanes,
+                    H* dst) noexcept {
+  static_assert(is_16bit_v<H>, "pack_panels_16: bf16_t or f16_t");
+  constexpr index_t kb = 16;
+  const index_t L = lanes;
+  auto position = [L](index_t jj) noexcept {
+    if constexpr (std::is_same_v<H, f16_t>) {
+      return jj;
+    } else {
+      const index_t g = jj / (2 * L), r = jj % (2 * L);
+      return g * 2 * L + (r < L ? 2 * r : 2 * (r - L) + 1);
+    }
+  };
+  for (index_t j0 = 0; j0 < N; j0 += nr) {
+    const index_t cols = (std::min)(nr, N - j0);
+    H* panel = dst + (j0 / nr) * K * nr;
+    for (index_t k0 = 0; k0 < K; k0 += kb) {
+      const index_t k1 = (std::min)(K, k0 + kb);
+      for (index_t jj = 0; jj < nr; ++jj) {
+        const index_t pos = position(jj);
+        if (jj < cols) {
+          const float* s = src + (j0 + jj) * sn;
+          for (index_t k = k0; k < k1; ++k) panel[k * nr + pos] = narrow<H>(s[k * sk]);
+        } else {
+          for (index_t k = k0; k < k1; ++k) panel[k * nr + pos] = H{};
+        }
+      }
+    }
+  }
+}
+
 namespace portable_isa {
 template <class S>
 struct vec {
@@ -193,16 +231,22 @@ struct vec {
   }
   static reg set1(S s) noexcept { return s; }
   static reg fma(reg a, reg b, reg c) noexcept { return std::fma(a, b, c); }
+  // One lane: the pair interleave of pack_panels_16 is the plain order.
+  static void load_bf16_pair(const bf16_t* p, reg& lo, reg& hi) noexcept {
+    lo = widen(p[0]);
+    hi = widen(p[1]);
+  }
+  static reg load_f16(const f16_t* p) noexcept { return widen(*p); }
 };
 #include "panel_kernel.inc"
 }  // namespace portable_isa
 
 #if DMOE_HAVE_X86_KERNELS
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #endif
 namespace avx2_isa {
 alignas(32) inline constexpr std::int32_t mask32[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -224,6 +268,15 @@ struct vec<float> {
   static void store_n(float* p, reg r, int n) noexcept { _mm256_maskstore_ps(p, mask(n), r); }
   static reg set1(float s) noexcept { return _mm256_set1_ps(s); }
   static reg fma(reg a, reg b, reg c) noexcept { return _mm256_fmadd_ps(a, b, c); }
+  // 32-bit lane l holds columns l (low half) and 8 + l (high half): one load, two exact widenings.
+  static void load_bf16_pair(const bf16_t* p, reg& lo, reg& hi) noexcept {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int(0xFFFF0000u))));
+  }
+  static reg load_f16(const f16_t* p) noexcept {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
 };
 template <>
 struct vec<double> {
@@ -250,11 +303,11 @@ struct vec<double> {
 #endif
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), \
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), \
                              apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
 #endif
 namespace avx512_isa {
 template <class S>
@@ -274,6 +327,18 @@ struct vec<float> {
   static void store_n(float* p, reg r, int n) noexcept { _mm512_mask_storeu_ps(p, mask(n), r); }
   static reg set1(float s) noexcept { return _mm512_set1_ps(s); }
   static reg fma(reg a, reg b, reg c) noexcept { return _mm512_fmadd_ps(a, b, c); }
+  // 32-bit lane l holds columns l (low half) and 16 + l (high half): one load, two exact widenings
+  // (a shift and a mask) instead of two loads and two zero-extensions.
+  static void load_bf16_pair(const bf16_t* p, reg& lo, reg& hi) noexcept {
+    // (The maskz forms with a full mask: GCC 12 warns that the unmasked ones' undefined
+    // pass-through operand "may be used uninitialized".)
+    const __m512i raw = _mm512_loadu_si512(p);
+    lo = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(__mmask16(0xFFFFu), raw, 16));
+    hi = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xFFFF0000u))));
+  }
+  static reg load_f16(const f16_t* p) noexcept {
+    return _mm512_maskz_cvtph_ps(__mmask16(0xFFFFu), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
 };
 template <>
 struct vec<double> {
@@ -302,10 +367,12 @@ struct vec<double> {
 
 namespace panel_dispatch {
 /// panel_kernel.inc's panel_product with the kernel and tile of `isa`.
-template <bool AT, class T>
-inline void run(cpu_isa isa, index_t m, index_t N, index_t K, row_source<T> a, const panel_b<T>& b, const T* init,
+template <bool AT, class T, class BS>
+inline void run(cpu_isa isa, index_t m, index_t N, index_t K, row_source<T> a, const panel_b<BS>& b, const T* init,
                 T* c, index_t ldc, bool accumulate) noexcept {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "panel_product: float or double");
+  static_assert(std::is_same_v<BS, T> || (std::is_same_v<T, float> && is_16bit_v<BS>),
+                "panel_product: B panels of T, or 16-bit panels for float");
   if (m <= 0 || N <= 0) return;
   constexpr tile_shape tp = tile_for<T>(cpu_isa::portable, avx512_tile::tall);
 #if DMOE_HAVE_X86_KERNELS
@@ -317,27 +384,29 @@ inline void run(cpu_isa isa, index_t m, index_t N, index_t K, row_source<T> a, c
 #if DMOE_HAVE_X86_KERNELS
     case cpu_isa::avx512:
       if (active_avx512_tile() == avx512_tile::wide)
-        avx512_isa::panel_product<avx512_isa::vec<T>, wide.mr, wide.nv, AT>(m, N, K, a, b, init, c, ldc, accumulate);
+        avx512_isa::panel_product<avx512_isa::vec<T>, wide.mr, wide.nv, AT, BS>(m, N, K, a, b, init, c, ldc, accumulate);
       else
-        avx512_isa::panel_product<avx512_isa::vec<T>, tall.mr, tall.nv, AT>(m, N, K, a, b, init, c, ldc, accumulate);
+        avx512_isa::panel_product<avx512_isa::vec<T>, tall.mr, tall.nv, AT, BS>(m, N, K, a, b, init, c, ldc, accumulate);
       return;
     case cpu_isa::avx2:
-      avx2_isa::panel_product<avx2_isa::vec<T>, t2.mr, t2.nv, AT>(m, N, K, a, b, init, c, ldc, accumulate);
+      avx2_isa::panel_product<avx2_isa::vec<T>, t2.mr, t2.nv, AT, BS>(m, N, K, a, b, init, c, ldc, accumulate);
       return;
 #endif
     default:
-      portable_isa::panel_product<portable_isa::vec<T>, tp.mr, tp.nv, AT>(m, N, K, a, b, init, c, ldc, accumulate);
+      portable_isa::panel_product<portable_isa::vec<T>, tp.mr, tp.nv, AT, BS>(m, N, K, a, b, init, c, ldc, accumulate);
       return;
   }
 }
 }  // namespace panel_dispatch
 
 /// C (m x N, row stride ldc) = init + A B with the kernel of `isa`; B's panels must be
-/// tile_for<T>(isa).nr() wide. init: N values, or null for 0.
-template <class T>
-inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_source<T> a, const panel_b<T>& b,
+/// tile_for<T>(isa).nr() wide. init: N values, or null for 0. B may be 16-bit panels (BS bf16_t or
+/// f16_t, packed by pack_panels_16 for this isa) when T is float: the result is then bitwise the
+/// product with float panels of the rounded values.
+template <class T, class BS>
+inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_source<T> a, const panel_b<BS>& b,
                           const T* init, T* c, index_t ldc) noexcept {
-  panel_dispatch::run<false, T>(isa, m, N, K, a, b, init, c, ldc, false);
+  panel_dispatch::run<false, T, BS>(isa, m, N, K, a, b, init, c, ldc, false);
 }
 
 /// C (m x N, row stride ldc) += A B where A is given transposed, at (K x m, row stride lda): the
@@ -347,7 +416,7 @@ inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_sour
 template <class T>
 inline void panel_accumulate_at(cpu_isa isa, index_t m, index_t N, index_t K, const T* at, index_t lda,
                                 const panel_b<T>& b, T* c, index_t ldc) noexcept {
-  panel_dispatch::run<true, T>(isa, m, N, K, row_source<T>{at, lda, nullptr}, b, nullptr, c, ldc, true);
+  panel_dispatch::run<true, T, T>(isa, m, N, K, row_source<T>{at, lda, nullptr}, b, nullptr, c, ldc, true);
 }
 
 /// dst[j] = fma(w, src[j], dst[j]) for j < n with the kernel of `isa` (the same bits on every one).
