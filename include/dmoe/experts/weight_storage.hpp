@@ -7,6 +7,7 @@
 /// (moe_layer<float, cpu>::set_weight_storage, docs/design.md "16-bit weight storage").
 
 #include <cstring>
+#include <initializer_list>
 
 DMOE_NAMESPACE_BEGIN
 
