@@ -196,7 +196,9 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     }
     detail::cpu_backend::layer_buffers<T> b;
     DMOE_TRY(backward_buffers(ws, tokens, ctx.concurrency(), b));
-    grads.experts.set_zero();
+    // expert_backward overwrites every expert's gradients; the shared output bias accumulates.
+    std::fill(grads.experts.output_bias_storage().begin(), grads.experts.output_bias_storage().end(), T(0));
+    grads.experts.mark_modified();
     detail::cpu_backend::slot_weight_grads(ctx, dy, b, cfg_.d_model);
     const cpu_isa isa = active_cpu_isa();
     packed_.refresh(experts_, isa, true);  // 16-bit storage: the transposed panels too

@@ -412,11 +412,12 @@ inline void panel_product(cpu_isa isa, index_t m, index_t N, index_t K, row_sour
 /// C (m x N, row stride ldc) += A B where A is given transposed, at (K x m, row stride lda): the
 /// weight gradients (dW^T += G^T H over a block of K token rows), with no transpose copied. Each
 /// element continues its chain from C, so blocks of rows accumulated in a fixed order give the
-/// same bits on every instruction set and tile.
+/// same bits on every instruction set and tile. With `overwrite`, C = A B instead: the chains start
+/// at +0, the bits of accumulating into a zeroed C, without writing the zeros first.
 template <class T>
 inline void panel_accumulate_at(cpu_isa isa, index_t m, index_t N, index_t K, const T* at, index_t lda,
-                                const panel_b<T>& b, T* c, index_t ldc) noexcept {
-  panel_dispatch::run<true, T, T>(isa, m, N, K, row_source<T>{at, lda, nullptr}, b, nullptr, c, ldc, true);
+                                const panel_b<T>& b, T* c, index_t ldc, bool overwrite = false) noexcept {
+  panel_dispatch::run<true, T, T>(isa, m, N, K, row_source<T>{at, lda, nullptr}, b, nullptr, c, ldc, !overwrite);
 }
 
 /// dst[j] = fma(w, src[j], dst[j]) for j < n with the kernel of `isa` (the same bits on every one).
