@@ -81,7 +81,14 @@ int check_product16(test_rng& g, dmoe::cpu_isa isa, index_t m, index_t N, index_
   for (auto& v : init) v = float(g.normal());
   const cb::tile_shape t = cb::tile_for<float>(isa);
   std::vector<H> P(std::size_t(cb::packed_panel_elems(K, N, t.nr()) + 1));
-  cb::pack_panels_16<H>(K, N, B.data(), N, 1, t.nr(), t.lanes, P.data());
+  if (g.coin(0.5)) {  // B row-major (the transposes' source) or column-major (W1, W2's)
+    cb::pack_panels_16<H>(K, N, B.data(), N, 1, t.nr(), t.lanes, P.data());
+  } else {
+    std::vector<float> Bt(std::size_t(K * N + 1));
+    for (index_t k = 0; k < K; ++k)
+      for (index_t j = 0; j < N; ++j) Bt[std::size_t(j * K + k)] = B[std::size_t(k * N + j)];
+    cb::pack_panels_16<H>(K, N, Bt.data(), 1, K, t.nr(), t.lanes, P.data());
+  }
   std::vector<float> C(std::size_t(m * ldc + 1), -12345.0f);
   cb::panel_product<float>(isa, m, N, K, {A.data(), lda, nullptr}, cb::panel_b<H>::packed(P.data(), K, t.nr()),
                            bias ? init.data() : nullptr, C.data(), ldc);

@@ -157,9 +157,21 @@ constexpr index_t max_panel_width() noexcept {
 /// every optimizer step (the layer repacks on the next forward), so it is blocked: 16 depth rows
 /// of a panel at a time, whose writes (16 x nr values) stay in L1 while each source column gives
 /// one cache line; column by column over the whole depth took twice as long (shape S, 18.9 MB:
-/// 6.3-7 ms against 3.0-3.4 ms on an Intel Xeon core).
+/// 6.3-7 ms against 3.0-3.4 ms on an Intel Xeon core). When the source's rows are contiguous
+/// (sn = 1: the transposes) it copies row segments instead.
 template <class T>
 void pack_panels(index_t K, index_t N, const T* src, index_t sk, index_t sn, index_t nr, T* dst) noexcept {
+  if (sn == 1) {  // rows of B contiguous (the transposes for backward): copy row segments
+    for (index_t j0 = 0; j0 < N; j0 += nr) {
+      const index_t cols = (std::min)(nr, N - j0);
+      T* panel = dst + (j0 / nr) * K * nr;
+      for (index_t k = 0; k < K; ++k) {
+        std::copy(src + k * sk + j0, src + k * sk + j0 + cols, panel + k * nr);
+        std::fill(panel + k * nr + cols, panel + (k + 1) * nr, T(0));
+      }
+    }
+    return;
+  }
   constexpr index_t kb = 16;
   for (index_t j0 = 0; j0 < N; j0 += nr) {
     const index_t cols = (std::min)(nr, N - j0);
@@ -198,6 +210,18 @@ void pack_panels_16(index_t K, index_t N, const float* src, index_t sk, index_t 
       return g * 2 * L + (r < L ? 2 * r : 2 * (r - L) + 1);
     }
   };
+  if (sn == 1) {  // rows of B contiguous (the transposes for backward): convert row segments
+    for (index_t j0 = 0; j0 < N; j0 += nr) {
+      const index_t cols = (std::min)(nr, N - j0);
+      H* panel = dst + (j0 / nr) * K * nr;
+      for (index_t k = 0; k < K; ++k) {
+        const float* s = src + k * sk + j0;
+        H* row = panel + k * nr;
+        for (index_t jj = 0; jj < nr; ++jj) row[position(jj)] = jj < cols ? narrow<H>(s[jj]) : H{};
+      }
+    }
+    return;
+  }
   for (index_t j0 = 0; j0 < N; j0 += nr) {
     const index_t cols = (std::min)(nr, N - j0);
     H* panel = dst + (j0 / nr) * K * nr;
