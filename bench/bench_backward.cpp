@@ -133,9 +133,19 @@ void register_all() {
           reg("moe_top_k_" + pass + suffix + "/k:" + std::to_string(k), [=](benchmark::State& s) {
             bm_layer(s, layer<dmoe::top_k>(), tokens, threads, bwd, [k](layer_t<dmoe::top_k>& l) {
               l.router().set_options({k, true});
+              l.set_weight_storage(dmoe::weight_storage::f32);
               return "top_k k=" + std::to_string(k);
             });
           });
+        // The same layer with W1, W2 read as bf16 (set_weight_storage; float accumulation and
+        // gradients), k = 6 only.
+        reg("moe_top_k_bf16_" + pass + suffix + "/k:6", [=](benchmark::State& s) {
+          bm_layer(s, layer<dmoe::top_k>(), tokens, threads, bwd, [](layer_t<dmoe::top_k>& l) {
+            l.router().set_options({6, true});
+            l.set_weight_storage(dmoe::weight_storage::bf16);  // packed by bm_layer's first forward
+            return std::string("top_k k=6 bf16 weights");
+          });
+        });
         for (int p : target_percents)
           reg("moe_dynamic_k_" + pass + suffix + "/f_pct:" + std::to_string(p), [=](benchmark::State& s) {
             bm_layer(s, layer<dmoe::dynamic_k>(), tokens, threads, bwd, [=](layer_t<dmoe::dynamic_k>& l) {
