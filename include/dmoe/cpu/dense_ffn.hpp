@@ -192,8 +192,8 @@ class dense_ffn {
     if (current()) return;
     const std::uint64_t v = version_.value();
     const index_t d = d_model(), F = hidden(), fF = width_factor<Activation> * F, nr = detail::cpu_backend::tile_for<T>(isa).nr();
-    detail::cpu_backend::pack_panels<T>(d, fF, w1_.data(), 1, d, nr, w1p_.data());
-    detail::cpu_backend::pack_panels<T>(F, d, w2_.data(), 1, F, nr, w2p_.data());
+    detail::cpu_backend::pack_panels<T>(isa, d, fF, w1_.data(), 1, d, nr, w1p_.data());
+    detail::cpu_backend::pack_panels<T>(isa, F, d, w2_.data(), 1, F, nr, w2p_.data());
     packed_nr_.store(nr, std::memory_order_relaxed);
     packed_version_.store(v, std::memory_order_release);
   }

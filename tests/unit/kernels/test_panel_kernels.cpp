@@ -235,6 +235,26 @@ TEST_SUITE("kernels") {
         }
   }
 
+  TEST_CASE("pack_panels per ISA (AVX-512: 16 x 16 register transposes) equals the element-wise pack") {
+    dmoe_test::test_rng g(dmoe_test::seed_of("pack/isa", 0));
+    for (const kernel_choice& kc : runnable_kernels()) {
+      const tile_scope scope(kc);
+      const index_t nr = cd::tile_for<float>(kc.isa).nr();
+      for (int rep = 0; rep < 60; ++rep) {
+        const index_t K = g.integer(0, 70), N = g.integer(1, 150), extra = g.integer(0, 5);
+        const bool columns = g.coin(0.7);  // sk = 1 (W1, W2 as stored) or sn = 1
+        const index_t sk = columns ? 1 : N + extra, sn = columns ? K + extra : 1;
+        std::vector<float> src(sz((columns ? N * sn : K * sk) + 1));
+        for (auto& v : src) v = float(g.normal());
+        std::vector<float> want(sz(cd::packed_panel_elems(K, N, nr) + 1), -1.0f), got = want;
+        cd::pack_panels<float>(K, N, src.data(), sk, sn, nr, want.data());
+        cd::pack_panels<float>(kc.isa, K, N, src.data(), sk, sn, nr, got.data());
+        INFO(kc.name(), " K=", K, " N=", N, " columns=", columns);
+        CHECK(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) == 0);
+      }
+    }
+  }
+
   TEST_CASE("set_cpu_isa: refuses what the CPU lacks, and changes no result") {
     const cpu_isa best = dmoe::supported_cpu_isa();
     CHECK_FALSE(dmoe::set_cpu_isa(cpu_isa(int(best) + 1)).ok());

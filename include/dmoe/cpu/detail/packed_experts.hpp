@@ -183,7 +183,7 @@ class packed_experts {
     std::lock_guard<std::mutex> lock(mutex_);
     const tile_shape tile = tile_for<T>(isa);
     if (!is_current(w, isa)) {
-      pack_forward(w, tile);
+      pack_forward(w, isa, tile);
       key_.store(key_of(tile), std::memory_order_relaxed);
       version_.store(w.version(), std::memory_order_release);
     }
@@ -285,13 +285,13 @@ class packed_experts {
     a_ = std::move(n);
     forget();
   }
-  void pack_forward(const expert_weights<T>& w, tile_shape t) const noexcept {
+  void pack_forward(const expert_weights<T>& w, cpu_isa isa, tile_shape t) const noexcept {
     const index_t d = shape_.d_model, fn = shape_.first_width(), n = shape_.width, nr = t.nr();
     for (index_t e = 0; e < shape_.num_experts; ++e) {
       // w1_e is column-major d x fn: element (k, j) at w1[j d + k]; w2_e column-major n x d.
       if (a_.storage == weight_storage::f32) {
-        pack_panels<T>(d, fn, w.w1_ptr(e), 1, d, nr, a_.w1.data() + e * a_.w1_stride);
-        pack_panels<T>(n, d, w.w2_ptr(e), 1, n, nr, a_.w2.data() + e * a_.w2_stride);
+        pack_panels<T>(isa, d, fn, w.w1_ptr(e), 1, d, nr, a_.w1.data() + e * a_.w1_stride);
+        pack_panels<T>(isa, n, d, w.w2_ptr(e), 1, n, nr, a_.w2.data() + e * a_.w2_stride);
       } else if constexpr (std::is_same_v<T, float>) {
         with_halves([&](auto& h) {
           pack_panels_16(d, fn, w.w1_ptr(e), 1, d, nr, t.lanes, h.w1.data() + e * a_.w1_stride);
