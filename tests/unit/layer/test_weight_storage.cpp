@@ -82,12 +82,12 @@ int check_product16(test_rng& g, dmoe::cpu_isa isa, index_t m, index_t N, index_
   const cb::tile_shape t = cb::tile_for<float>(isa);
   std::vector<H> P(std::size_t(cb::packed_panel_elems(K, N, t.nr()) + 1));
   if (g.coin(0.5)) {  // B row-major (the transposes' source) or column-major (W1, W2's)
-    cb::pack_panels_16<H>(K, N, B.data(), N, 1, t.nr(), t.lanes, P.data());
+    cb::pack_panels_16<H>(isa, K, N, B.data(), N, 1, t.nr(), t.lanes, P.data());
   } else {
     std::vector<float> Bt(std::size_t(K * N + 1));
     for (index_t k = 0; k < K; ++k)
       for (index_t j = 0; j < N; ++j) Bt[std::size_t(j * K + k)] = B[std::size_t(k * N + j)];
-    cb::pack_panels_16<H>(K, N, Bt.data(), 1, K, t.nr(), t.lanes, P.data());
+    cb::pack_panels_16<H>(isa, K, N, Bt.data(), 1, K, t.nr(), t.lanes, P.data());
   }
   std::vector<float> C(std::size_t(m * ldc + 1), -12345.0f);
   cb::panel_product<float>(isa, m, N, K, {A.data(), lda, nullptr}, cb::panel_b<H>::packed(P.data(), K, t.nr()),
@@ -224,6 +224,43 @@ TEST_SUITE("layer") {
         INFO("m=" << m << " N=" << N << " K=" << K);
         CHECK(check_product16<cb::bf16_t>(g, isa, m, N, K, bias) == 0);
         CHECK(check_product16<cb::f16_t>(g, isa, m, N, K, bias) == 0);
+      }
+    });
+  }
+
+  TEST_CASE("16-bit packing per ISA equals the element-wise packing (ties, subnormals, inf, NaN)") {
+    for_each_kernel([](dmoe::cpu_isa isa) {
+      test_rng g(seed_of(std::string("storage/pack/") + dmoe::to_string(isa), int(cb::active_avx512_tile())));
+      const cb::tile_shape t = cb::tile_for<float>(isa);
+      for (int rep = 0; rep < 40; ++rep) {
+        const index_t K = g.integer(0, 50), N = g.integer(1, 140);
+        const bool columns = g.coin(0.5);
+        std::vector<float> src(std::size_t(K * N + 1));
+        for (auto& v : src) {
+          v = float(g.normal()) * std::ldexp(1.0f, g.integer(-30, 20));
+          std::uint32_t bits;
+          std::memcpy(&bits, &v, sizeof bits);
+          if (g.coin(0.2)) bits = (bits & 0xFFFF0000u) | 0x8000u;  // a bf16 tie
+          if (g.coin(0.02)) bits = 0x7F800000u | (g.coin(0.5) ? 0x80000000u : 0u);  // +-inf
+          if (g.coin(0.02)) bits = 0x7F800001u + std::uint32_t(g.integer(0, 1000));  // a NaN
+          std::memcpy(&v, &bits, sizeof bits);
+        }
+        const index_t sk = columns ? 1 : N, sn = columns ? K : 1;
+        auto check = [&](auto tag) {
+          using H = decltype(tag);
+          std::vector<H> want(std::size_t(cb::packed_panel_elems(K, N, t.nr()) + 1)), got = want;
+          cb::pack_panels_16<H>(K, N, src.data(), sk, sn, t.nr(), t.lanes, want.data());
+          cb::pack_panels_16<H>(isa, K, N, src.data(), sk, sn, t.nr(), t.lanes, got.data());
+          int bad = 0;
+          for (std::size_t i = 0; i < want.size(); ++i) {
+            const float a = cb::widen(want[i]), b = cb::widen(got[i]);
+            bad += std::isnan(a) ? !std::isnan(b) : !(want[i] == got[i]);  // NaN payloads may differ (fp16)
+          }
+          INFO("K=" << K << " N=" << N << " columns=" << columns);
+          CHECK(bad == 0);
+        };
+        check(cb::bf16_t{});
+        check(cb::f16_t{});
       }
     });
   }

@@ -188,7 +188,7 @@ class packed_experts {
       version_.store(w.version(), std::memory_order_release);
     }
     if (need_t && !current(t_version_, t_key_, w, isa)) {
-      pack_transposes(w, tile);
+      pack_transposes(w, isa, tile);
       t_key_.store(key_of(tile), std::memory_order_relaxed);
       t_version_.store(w.version(), std::memory_order_release);
     }
@@ -294,20 +294,20 @@ class packed_experts {
         pack_panels<T>(isa, n, d, w.w2_ptr(e), 1, n, nr, a_.w2.data() + e * a_.w2_stride);
       } else if constexpr (std::is_same_v<T, float>) {
         with_halves([&](auto& h) {
-          pack_panels_16(d, fn, w.w1_ptr(e), 1, d, nr, t.lanes, h.w1.data() + e * a_.w1_stride);
-          pack_panels_16(n, d, w.w2_ptr(e), 1, n, nr, t.lanes, h.w2.data() + e * a_.w2_stride);
+          pack_panels_16(isa, d, fn, w.w1_ptr(e), 1, d, nr, t.lanes, h.w1.data() + e * a_.w1_stride);
+          pack_panels_16(isa, n, d, w.w2_ptr(e), 1, n, nr, t.lanes, h.w2.data() + e * a_.w2_stride);
         });
       }
     }
   }
-  void pack_transposes(const expert_weights<T>& w, tile_shape t) const noexcept {
+  void pack_transposes(const expert_weights<T>& w, cpu_isa isa, tile_shape t) const noexcept {
     if constexpr (std::is_same_v<T, float>) {
       const index_t d = shape_.d_model, fn = shape_.first_width(), n = shape_.width, nr = t.nr();
       for (index_t e = 0; e < shape_.num_experts; ++e)
         with_halves([&](auto& h) {
           // W2_e^T (d x n) is w2_e read row-major (row stride n); W1_e^T (fn x d) is w1_e (stride d).
-          pack_panels_16(d, n, w.w2_ptr(e), n, 1, nr, t.lanes, h.w2t.data() + e * a_.w2t_stride);
-          pack_panels_16(fn, d, w.w1_ptr(e), d, 1, nr, t.lanes, h.w1t.data() + e * a_.w1t_stride);
+          pack_panels_16(isa, d, n, w.w2_ptr(e), n, 1, nr, t.lanes, h.w2t.data() + e * a_.w2t_stride);
+          pack_panels_16(isa, fn, d, w.w1_ptr(e), d, 1, nr, t.lanes, h.w1t.data() + e * a_.w1t_stride);
         });
     }
   }

@@ -217,7 +217,17 @@ void pack_panels_16(index_t K, index_t N, const float* src, index_t sk, index_t 
       for (index_t k = 0; k < K; ++k) {
         const float* s = src + k * sk + j0;
         H* row = panel + k * nr;
-        for (index_t jj = 0; jj < nr; ++jj) row[position(jj)] = jj < cols ? narrow<H>(s[jj]) : H{};
+        if (cols < nr) {  // the edge panel: the general order
+          for (index_t jj = 0; jj < nr; ++jj) row[position(jj)] = jj < cols ? narrow<H>(s[jj]) : H{};
+        } else if constexpr (std::is_same_v<H, f16_t>) {
+          for (index_t jj = 0; jj < nr; ++jj) row[jj] = narrow<H>(s[jj]);
+        } else {  // the pair interleave written out (no division per value)
+          for (index_t g0 = 0; g0 < nr; g0 += 2 * L)
+            for (index_t l = 0; l < L; ++l) {
+              row[g0 + 2 * l] = narrow<H>(s[g0 + l]);
+              row[g0 + 2 * l + 1] = narrow<H>(s[g0 + L + l]);
+            }
+        }
       }
     }
     return;
@@ -394,6 +404,36 @@ inline void transpose16(const float* in, index_t ldi, float* out, index_t ldo) n
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * ldo, r[i]);
 }
 
+/// One panel row of nr floats (a multiple of 32) as 16-bit values in pack_panels_16's layout,
+/// rounded to nearest even with the bits of narrow<H> (bf16: integer rounding, NaN quieted the
+/// same way; fp16: vcvtps2ph, which rounds as Eigen::half does).
+template <class H>
+inline void narrow_row(const float* x, index_t nr, H* out) noexcept {
+  const __mmask16 all = 0xFFFFu;
+  if constexpr (std::is_same_v<H, f16_t>) {
+    for (index_t j = 0; j < nr; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                          _mm512_maskz_cvtps_ph(all, _mm512_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    const __m512i quiet = _mm512_set1_epi32(0x00400000);
+    auto rounded = [&](const float* p) noexcept {  // bf16 bits in the high half of each lane
+      const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(p));
+      const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(all, u, 16), one);
+      const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, half));
+      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
+      return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, quiet));
+    };
+    const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
+    for (index_t g = 0; g < nr; g += 32) {  // lane l: column g + l low, g + 16 + l high
+      const __m512i lo = _mm512_maskz_srli_epi32(all, rounded(x + g), 16);
+      const __m512i hi = _mm512_and_si512(rounded(x + g + 16), high);
+      _mm512_storeu_si512(out + g, _mm512_or_si512(lo, hi));
+    }
+  }
+}
+
 /// pack_panels for float when the source's columns are contiguous (sk = 1: W1 and W2 as stored,
 /// the panels' transpose): full 16 x 16 blocks through transpose16, the edges element by element.
 inline void pack_columns(index_t K, index_t N, const float* src, index_t sn, index_t nr, float* dst) noexcept {
@@ -449,6 +489,40 @@ void pack_panels(cpu_isa isa, index_t K, index_t N, const T* src, index_t sk, in
 #endif
   (void)isa;
   pack_panels<T>(K, N, src, sk, sn, nr, dst);
+}
+
+/// pack_panels_16 with the data movement of `isa` (the same values). AVX-512 with its own panel
+/// width (lanes 16, nr a multiple of 32): each block of 16 depth rows is gathered as floats
+/// (transpose16 when the columns are contiguous), then rounded 16 values per instruction.
+template <class H>
+void pack_panels_16(cpu_isa isa, index_t K, index_t N, const float* src, index_t sk, index_t sn, index_t nr,
+                    int lanes, H* dst) noexcept {
+#if DMOE_HAVE_X86_KERNELS
+  if (isa == cpu_isa::avx512 && lanes == 16 && nr % 32 == 0 && nr <= 64) {
+    alignas(64) float blk[16 * 64];
+    for (index_t j0 = 0; j0 < N; j0 += nr) {
+      const index_t cols = (std::min)(nr, N - j0);
+      H* panel = dst + (j0 / nr) * K * nr;
+      if (cols < nr) {  // the edge panel: element by element
+        pack_panels_16<H>(K, cols, src + j0 * sn, sk, sn, nr, lanes, panel);
+        continue;
+      }
+      for (index_t k0 = 0; k0 < K; k0 += 16) {
+        const index_t kb = (std::min)(index_t(16), K - k0);
+        if (sk == 1 && kb == 16) {
+          for (index_t c0 = 0; c0 < nr; c0 += 16) avx512_isa::transpose16(src + (j0 + c0) * sn + k0, sn, blk + c0, nr);
+        } else {
+          for (index_t kk = 0; kk < kb; ++kk)
+            for (index_t jj = 0; jj < nr; ++jj) blk[kk * nr + jj] = src[(k0 + kk) * sk + (j0 + jj) * sn];
+        }
+        for (index_t kk = 0; kk < kb; ++kk) avx512_isa::narrow_row<H>(blk + kk * nr, nr, panel + (k0 + kk) * nr);
+      }
+    }
+    return;
+  }
+#endif
+  (void)isa;
+  pack_panels_16<H>(K, N, src, sk, sn, nr, lanes, dst);
 }
 
 namespace panel_dispatch {
