@@ -9,6 +9,11 @@
 ///                                top-1 routing (same kernels and executor; its router is 768
 ///                                multiply-adds per token)
 ///   dense_eigen_backward         plain Eigen dense MLP backward (dW1, db1, dW2, db2, dx), threads 1
+///   moe_top_k{,_bf16}_{forward,backward}/.../k:6   with W1, W2 read as bf16 (set_weight_storage)
+///   moe_top_k{,_bf16}_step/.../k:6  what a training step costs the layer: weights marked
+///                                modified (as an optimizer step does), so the kernels' panels are
+///                                repacked, then forward and backward; against forward + backward,
+///                                the repack
 /// Counters: f, mean_k; flops = executed expert product FLOPs of the timed pass (forward: slots x
 /// flops_per_slot; backward: twice that, its four products dpost, dW2, dW1, dx each being the size of
 /// one forward product); GFLOP/s and pct_peak against the FMA peak the binary measured
@@ -68,9 +73,14 @@ const matrix& upstream(index_t tokens) {
   return cache.emplace(tokens, g).first->second;
 }
 
-/// Times forward (backward = false) or backward (true) of `l` after `configure(l)`.
+/// What one timed iteration runs: forward; backward of the forward done before timing; or a
+/// training step's layer part after a weight update (weights marked modified, so the kernels'
+/// panels are repacked, then forward and backward).
+enum class pass_kind { forward, backward, step };
+
+/// Times `pass` of `l` after `configure(l)`.
 template <class Layer, class Configure>
-void bm_layer(benchmark::State& state, Layer& l, index_t tokens, int threads, bool backward, Configure configure) {
+void bm_layer(benchmark::State& state, Layer& l, index_t tokens, int threads, pass_kind pass, Configure configure) {
   try {
     const std::string setting = configure(l);
     const auto ctx = context_for(threads);
@@ -83,12 +93,20 @@ void bm_layer(benchmark::State& state, Layer& l, index_t tokens, int threads, bo
     dmoe::throw_if_error(l.forward(ctx, x, y, ws, &stats));
     dmoe::throw_if_error(l.backward(ctx, x, dy, dx, grads, ws));
     const double secs = timed(state, [&] {
-      const dmoe::status s = backward ? l.backward(ctx, x, dy, dx, grads, ws) : l.forward(ctx, x, y, ws);
+      dmoe::status s;
+      if (pass == pass_kind::step) {
+        l.experts().mark_modified();  // as an optimizer step does
+        s = l.forward(ctx, x, y, ws);
+        if (s.ok()) s = l.backward(ctx, x, dy, dx, grads, ws);
+      } else {
+        s = pass == pass_kind::backward ? l.backward(ctx, x, dy, dx, grads, ws) : l.forward(ctx, x, y, ws);
+      }
       if (!s.ok()) state.SkipWithError(s.message());
       return s.ok();
     });
     state.counters["tokens/s"] = Counter(double(tokens), Counter::kIsIterationInvariantRate);
-    set_flops(state, (backward ? 2.0 : 1.0) * stats.expert_flops, secs, threads);
+    const double passes = pass == pass_kind::forward ? 1.0 : pass == pass_kind::backward ? 2.0 : 3.0;
+    set_flops(state, passes * stats.expert_flops, secs, threads);
     state.counters["f"] = stats.active_fraction();
     state.counters["mean_k"] = stats.mean_k();
     state.SetLabel(setting + " threads=" + std::to_string(threads));
@@ -124,8 +142,21 @@ void register_all() {
     for (int threads : thread_counts) {
       const std::string suffix = "/tokens:" + std::to_string(tokens) + "/threads:" + std::to_string(threads);
       auto reg = [](const std::string& name, auto fn) { benchmark::RegisterBenchmark(name.c_str(), fn)->UseRealTime(); };
-      for (bool bwd : {false, true}) {
-        const std::string pass = bwd ? "backward" : "forward";
+      for (pass_kind bwd : {pass_kind::forward, pass_kind::backward, pass_kind::step}) {
+        const std::string pass =
+            bwd == pass_kind::forward ? "forward" : bwd == pass_kind::backward ? "backward" : "step";
+        if (bwd == pass_kind::step) {  // top-k k = 6 only, fp32 and bf16: what a training step pays
+          for (auto st : {dmoe::weight_storage::f32, dmoe::weight_storage::bf16})
+            reg(std::string(st == dmoe::weight_storage::f32 ? "moe_top_k_" : "moe_top_k_bf16_") + pass + suffix + "/k:6",
+                [=](benchmark::State& s) {
+                  bm_layer(s, layer<dmoe::top_k>(), tokens, threads, bwd, [st](layer_t<dmoe::top_k>& l) {
+                    l.router().set_options({6, true});
+                    l.set_weight_storage(st);
+                    return std::string("top_k k=6 ") + dmoe::to_string(st) + " weights, repacked every step";
+                  });
+                });
+          continue;
+        }
         reg("dense_layer_" + pass + suffix, [=](benchmark::State& s) {
           bm_layer(s, dense_layer(), tokens, threads, bwd, [](dense_layer_t&) { return std::string("dense 1x3072"); });
         });
