@@ -152,40 +152,64 @@ constexpr index_t max_panel_width() noexcept {
                     tile_for<T>(cpu_isa::avx512, avx512_tile::wide).nr());
 }
 
-/// Packs a K x N operand into panels of nr columns, zero padded: dst[p][k][jj] = src(k, p nr + jj),
-/// where src(k, j) = src[k * sk + j * sn]. dst holds ceil(N / nr) * nr * K values. Runs after
-/// every optimizer step (the layer repacks on the next forward), so it is blocked: 16 depth rows
-/// of a panel at a time, whose writes (16 x nr values) stay in L1 while each source column gives
-/// one cache line; column by column over the whole depth took twice as long (shape S, 18.9 MB:
-/// 6.3-7 ms against 3.0-3.4 ms on an Intel Xeon core). When the source's rows are contiguous
-/// (sn = 1: the transposes) it copies row segments instead.
-template <class T>
-void pack_panels(index_t K, index_t N, const T* src, index_t sk, index_t sn, index_t nr, T* dst) noexcept {
-  if (sn == 1) {  // rows of B contiguous (the transposes for backward): copy row segments
-    for (index_t j0 = 0; j0 < N; j0 += nr) {
-      const index_t cols = (std::min)(nr, N - j0);
-      T* panel = dst + (j0 / nr) * K * nr;
-      for (index_t k = 0; k < K; ++k) {
-        std::copy(src + k * sk + j0, src + k * sk + j0 + cols, panel + k * nr);
-        std::fill(panel + k * nr + cols, panel + (k + 1) * nr, T(0));
-      }
-    }
-    return;
-  }
-  constexpr index_t kb = 16;
+/// Column jj of a panel at position jj of its row (float panels, fp16 panels).
+struct same_position {
+  constexpr index_t operator()(index_t jj) const noexcept { return jj; }
+};
+
+/// The element-wise packing that pack_panels and pack_panels_16 are: a K x N operand into panels
+/// of nr columns, zero padded, dst[p][k][position(jj)] = convert(src(k, p nr + jj)) where
+/// src(k, j) = src[k * sk + j * sn]. Runs after every optimizer step (the layer repacks on the
+/// next forward), so it is blocked: 16 depth rows of a panel at a time, whose writes (16 x nr
+/// values) stay in L1 while each source column gives one cache line; column by column over the
+/// whole depth took twice as long (shape S, 18.9 MB: 6.3-7 ms against 3.0-3.4 ms on an Intel Xeon
+/// core). When the source's rows are contiguous (sn = 1: the transposes) it walks row segments.
+template <class D, class S, class Pos, class Conv>
+void pack_panels_as(index_t K, index_t N, const S* src, index_t sk, index_t sn, index_t nr, D* dst, Pos position,
+                    Conv convert) noexcept {
+  constexpr bool same_order = std::is_same_v<Pos, same_position>;
+  index_t table[256];  // the positions, computed once (a pair interleave costs a division each)
+  const bool tabled = !same_order && nr <= 256;
+  if (tabled)
+    for (index_t jj = 0; jj < nr; ++jj) table[jj] = position(jj);
+  auto pos = [&](index_t jj) noexcept { return tabled ? table[jj] : position(jj); };
   for (index_t j0 = 0; j0 < N; j0 += nr) {
     const index_t cols = (std::min)(nr, N - j0);
-    T* panel = dst + (j0 / nr) * K * nr;
+    D* panel = dst + (j0 / nr) * K * nr;
+    if (sn == 1) {
+      for (index_t k = 0; k < K; ++k) {
+        const S* r = src + k * sk + j0;
+        D* row = panel + k * nr;
+        if constexpr (same_order) {
+          for (index_t jj = 0; jj < cols; ++jj) row[jj] = convert(r[jj]);
+          std::fill(row + cols, row + nr, D{});
+        } else {
+          for (index_t jj = 0; jj < nr; ++jj) row[pos(jj)] = jj < cols ? convert(r[jj]) : D{};
+        }
+      }
+      continue;
+    }
+    constexpr index_t kb = 16;
     for (index_t k0 = 0; k0 < K; k0 += kb) {
       const index_t k1 = (std::min)(K, k0 + kb);
-      for (index_t jj = 0; jj < cols; ++jj) {
-        const T* s = src + (j0 + jj) * sn;
-        for (index_t k = k0; k < k1; ++k) panel[k * nr + jj] = s[k * sk];
+      for (index_t jj = 0; jj < nr; ++jj) {
+        const index_t q = pos(jj);
+        if (jj < cols) {
+          const S* c = src + (j0 + jj) * sn;
+          for (index_t k = k0; k < k1; ++k) panel[k * nr + q] = convert(c[k * sk]);
+        } else {
+          for (index_t k = k0; k < k1; ++k) panel[k * nr + q] = D{};
+        }
       }
-      for (index_t k = k0; k < k1; ++k)
-        for (index_t jj = cols; jj < nr; ++jj) panel[k * nr + jj] = T(0);
     }
   }
+}
+
+/// Packs a K x N operand into panels of nr columns, zero padded: dst[p][k][jj] = src(k, p nr + jj),
+/// where src(k, j) = src[k * sk + j * sn]. dst holds ceil(N / nr) * nr * K values.
+template <class T>
+void pack_panels(index_t K, index_t N, const T* src, index_t sk, index_t sn, index_t nr, T* dst) noexcept {
+  pack_panels_as(K, N, src, sk, sn, nr, dst, same_position{}, [](T v) noexcept { return v; });
 }
 
 /// Values pack_panels writes for a K x N operand.
@@ -200,53 +224,17 @@ template <class H>
 void pack_panels_16(index_t K, index_t N, const float* src, index_t sk, index_t sn, index_t nr, int lanes,
                     H* dst) noexcept {
   static_assert(is_16bit_v<H>, "pack_panels_16: bf16_t or f16_t");
-  constexpr index_t kb = 16;
-  const index_t L = lanes;
-  auto position = [L](index_t jj) noexcept {
-    if constexpr (std::is_same_v<H, f16_t>) {
-      return jj;
-    } else {
+  auto convert = [](float v) noexcept { return narrow<H>(v); };
+  if constexpr (std::is_same_v<H, f16_t>) {
+    (void)lanes;
+    pack_panels_as(K, N, src, sk, sn, nr, dst, same_position{}, convert);
+  } else {
+    const index_t L = lanes;
+    auto pair = [L](index_t jj) noexcept {
       const index_t g = jj / (2 * L), r = jj % (2 * L);
       return g * 2 * L + (r < L ? 2 * r : 2 * (r - L) + 1);
-    }
-  };
-  if (sn == 1) {  // rows of B contiguous (the transposes for backward): convert row segments
-    for (index_t j0 = 0; j0 < N; j0 += nr) {
-      const index_t cols = (std::min)(nr, N - j0);
-      H* panel = dst + (j0 / nr) * K * nr;
-      for (index_t k = 0; k < K; ++k) {
-        const float* s = src + k * sk + j0;
-        H* row = panel + k * nr;
-        if (cols < nr) {  // the edge panel: the general order
-          for (index_t jj = 0; jj < nr; ++jj) row[position(jj)] = jj < cols ? narrow<H>(s[jj]) : H{};
-        } else if constexpr (std::is_same_v<H, f16_t>) {
-          for (index_t jj = 0; jj < nr; ++jj) row[jj] = narrow<H>(s[jj]);
-        } else {  // the pair interleave written out (no division per value)
-          for (index_t g0 = 0; g0 < nr; g0 += 2 * L)
-            for (index_t l = 0; l < L; ++l) {
-              row[g0 + 2 * l] = narrow<H>(s[g0 + l]);
-              row[g0 + 2 * l + 1] = narrow<H>(s[g0 + L + l]);
-            }
-        }
-      }
-    }
-    return;
-  }
-  for (index_t j0 = 0; j0 < N; j0 += nr) {
-    const index_t cols = (std::min)(nr, N - j0);
-    H* panel = dst + (j0 / nr) * K * nr;
-    for (index_t k0 = 0; k0 < K; k0 += kb) {
-      const index_t k1 = (std::min)(K, k0 + kb);
-      for (index_t jj = 0; jj < nr; ++jj) {
-        const index_t pos = position(jj);
-        if (jj < cols) {
-          const float* s = src + (j0 + jj) * sn;
-          for (index_t k = k0; k < k1; ++k) panel[k * nr + pos] = narrow<H>(s[k * sk]);
-        } else {
-          for (index_t k = k0; k < k1; ++k) panel[k * nr + pos] = H{};
-        }
-      }
-    }
+    };
+    pack_panels_as(K, N, src, sk, sn, nr, dst, pair, convert);
   }
 }
 
