@@ -57,7 +57,7 @@ bool same(const row_matrix<T>& a, const row_matrix<T>& b) {
          std::memcmp(a.data(), b.data(), sizeof(T) * std::size_t(a.size())) == 0;
 }
 bool same(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0);
 }
 
 /// W1 and W2 of every expert rounded in place through the reference rounding.
