@@ -277,7 +277,7 @@ TEST_SUITE("kernels") {
     CHECK(p.is_current(w, isa));
     const index_t nr = cd::tile_for<float>(isa).nr();
     auto element_w1 = [&](index_t e, index_t k, index_t j) {
-      return p.w1(e, nr).data[(j / nr) * s.d_model * nr + k * nr + j % nr];
+      return p.panels<float>(w).w1(e, nr).data[(j / nr) * s.d_model * nr + k * nr + j % nr];
     };
     CHECK(element_w1(2, 5, 17) == std::as_const(w).w1(2)(5, 17));
     w.w1(2)(5, 17) = 42.0f;  // a non-const access takes a new stamp
@@ -300,7 +300,7 @@ TEST_SUITE("kernels") {
       CHECK(p.is_current(w, isa));
       const index_t nr2 = cd::tile_for<float>(isa).nr();
       CHECK(nr2 != nr);
-      CHECK(p.w1(2, nr2).data[(17 / nr2) * s.d_model * nr2 + 5 * nr2 + 17 % nr2] == 42.0f);
+      CHECK(p.panels<float>(w).w1(2, nr2).data[(17 / nr2) * s.d_model * nr2 + 5 * nr2 + 17 % nr2] == 42.0f);
     }
   }
 }

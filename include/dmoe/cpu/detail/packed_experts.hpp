@@ -217,20 +217,6 @@ class packed_experts {
     }
     return p;
   }
-  /// Float panels of expert e (storage f32, valid after refresh with the same instruction set).
-  panel_b<T> w1(index_t e, index_t nr) const noexcept {
-    return panel_b<T>::packed(a_.w1.data() + e * a_.w1_stride, shape_.d_model, nr);
-  }
-  panel_b<T> w2(index_t e, index_t nr) const noexcept {
-    return panel_b<T>::packed(a_.w2.data() + e * a_.w2_stride, shape_.width, nr);
-  }
-  /// Bytes held by the panels.
-  std::size_t bytes() const noexcept {
-    return std::size_t(a_.w1.size() + a_.w2.size()) * sizeof(T) +
-           std::size_t(a_.bf.w1.size() + a_.bf.w2.size() + a_.bf.w2t.size() + a_.bf.w1t.size() + a_.hf.w1.size() +
-                       a_.hf.w2.size() + a_.hf.w2t.size() + a_.hf.w1t.size()) *
-               2;
-  }
 
  private:
   template <class H>

@@ -463,8 +463,8 @@ struct vec<double> {
 
 /// pack_panels with the fastest data movement `isa` has: the same values (a copy), so the choice
 /// changes nothing but the time. AVX-512 transposes float blocks in registers: shape S's W1 and W2
-/// (18.9 MB) repacked in 3.5-4 ms against 5.8-6.5 ms element by element (Intel Xeon guest; near
-/// its copy bandwidth).
+/// (18.9 MB) repacked in about 4.4 ms (bench_backward: moe_top_k_step minus forward and backward)
+/// against 5.8-6.5 ms element by element (Intel Xeon guest).
 template <class T>
 void pack_panels(cpu_isa isa, index_t K, index_t N, const T* src, index_t sk, index_t sn, index_t nr, T* dst) noexcept {
 #if DMOE_HAVE_X86_KERNELS
