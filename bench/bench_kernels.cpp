@@ -8,8 +8,12 @@
 ///
 ///   bench_kernels --benchmark_filter=tile     every tile at the two expert products
 ///   bench_kernels --benchmark_filter=rows     the chosen tile at 1..512 rows (the layer's range)
+///   bench_kernels --benchmark_filter=cold     the chosen tile when every call finds another expert's
+///                                             panels (24 experts, as in a layer: they come from L3
+///                                             or memory, not L2)
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -106,6 +110,28 @@ void rows_chosen(benchmark::State& st) {
   st.SetLabel(std::string(dmoe::to_string(isa)));
 }
 
+/// The chosen tile over the panels of 24 experts in turn, as a layer's forward meets them (not in
+/// L2): against rows/chosen, what cold weights cost the kernel.
+void cold_chosen(benchmark::State& st) {
+  const auto isa = dmoe::active_cpu_isa();
+  const index_t nr = cb::tile_for<float>(isa).nr(), experts = 24;
+  operands o(st.range(0), st.range(1), st.range(2), nr, 512);
+  const index_t elems = cb::packed_panel_elems(o.k, o.n, nr);
+  std::vector<float> panels(std::size_t(elems * experts));
+  for (index_t e = 0; e < experts; ++e) std::copy(o.b.begin(), o.b.end(), panels.begin() + e * elems);
+  const cb::row_source<float> a{o.a.data(), o.k, o.index.data()};
+  index_t e = 0;
+  for (auto _ : st) {
+    const auto b = cb::panel_b<float>::packed(panels.data() + e * elems, o.k, nr);
+    cb::panel_product<float>(isa, o.m, o.n, o.k, a, b, o.bias.data(), o.c.data(), o.n);
+    benchmark::DoNotOptimize(o.c.data());
+    benchmark::ClobberMemory();
+    e = (e + 1) % experts;
+  }
+  report(st, o);
+  st.SetLabel(std::string(dmoe::to_string(isa)));
+}
+
 // Shapes of one expert of shape S (d 768, width 128) at 128 rows (512 tokens, f = 0.25):
 // the first product (K = 768 -> N = 128) and the second (K = 128 -> N = 768).
 void expert_shapes(benchmark::internal::Benchmark* b) {
@@ -133,6 +159,7 @@ BENCHMARK(tile_avx2<4, 3>)->Name("tile/avx2/4x3")->Apply(expert_shapes);
 BENCHMARK(tile_avx2<3, 4>)->Name("tile/avx2/3x4")->Apply(expert_shapes);
 #endif
 BENCHMARK(rows_chosen)->Name("rows/chosen")->Apply(row_range);
+BENCHMARK(cold_chosen)->Name("cold/chosen")->Apply(expert_shapes);
 
 }  // namespace
 

@@ -18,8 +18,8 @@
 DMOE_NAMESPACE_BEGIN namespace detail::cpu_backend {
 
 /// y = b2 (or 0) + sum_s w_s out[slot_pos[s]] per token, in slot order (ascending expert id), each
-/// term one fused multiply-add: the same bits as the fused second product
-/// (experts.hpp, expert_outputs_combined), on every instruction set.
+/// term one fused multiply-add: the same bits as infer's fused path
+/// (experts.hpp, experts_combined_in_order), on every instruction set.
 template <class T>
 void combine(const context<cpu>& ctx, cpu_isa isa, matrix_view<T> y, const layer_buffers<T>& b, index_t d,
              const T* b2) noexcept {

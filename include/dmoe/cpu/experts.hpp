@@ -73,28 +73,18 @@ void activation_backward(const T* pre, index_t ld, const T* dpost, T* dpre, inde
   }
 }
 
-/// When infer() fuses the combine into the second product: from this many bytes of per-slot
-/// expert outputs, on at most fused_combine_max_workers() workers. Below the size, the per-expert
-/// tasks (run_experts, then combine) are faster: their outputs stay in the L2 cache, and each
-/// expert's W2 streams once, contiguously; on 2 workers the column-block tasks measured slower
-/// (bench_forward: infer_* against moe_*, docs/design.md "Fused combine"). Both paths give the
-/// same bits, so the choice is free; tests move both limits to run both paths on any thread count.
-inline std::atomic<std::size_t>& fused_combine_min_bytes() noexcept {
-  static std::atomic<std::size_t> bytes{std::size_t(1) << 20};
-  return bytes;
-}
+/// Whether infer() fuses the combine into the expert tasks (experts_combined_in_order): on at most
+/// this many workers (default 1). The fused path visits the experts in order on one worker, so on
+/// more workers the per-expert tasks (run_experts, then combine) run in parallel instead. Both
+/// paths give the same bits, so the choice is free; tests raise and lower it to run both paths on
+/// any thread count.
 inline std::atomic<index_t>& fused_combine_max_workers() noexcept {
   static std::atomic<index_t> workers{1};
   return workers;
 }
-inline bool fused_combine_pays(index_t slots, index_t d, std::size_t elem, index_t workers) noexcept {
-  return workers <= fused_combine_max_workers().load(std::memory_order_relaxed) &&
-         std::size_t(slots) * std::size_t(d) * elem >= fused_combine_min_bytes().load(std::memory_order_relaxed);
+inline bool fused_combine_pays(index_t workers) noexcept {
+  return workers <= fused_combine_max_workers().load(std::memory_order_relaxed);
 }
-
-/// Output columns per task of the second product: a fixed cut (never from the thread count), as
-/// wide as two AVX-512 panels, so d_model 768 gives 6 equal tasks for any number of threads.
-inline constexpr index_t output_block_cols = 128;
 
 /// First product and activation of one task: hidden = [b1_e + x_rows W1_e | act(.)], rows of x
 /// read in place through the sorted index, W1 from the packed panels `p` (current for `w` and
@@ -117,18 +107,6 @@ struct task_rows {
 template <class T>
 task_rows rows_of_task(const layer_buffers<T>& b, index_t task) noexcept {
   return {b.task_expert[task], b.task_begin[task], b.task_begin[task + 1] - b.task_begin[task]};
-}
-
-
-/// First product and activation of every task (infer's fused path runs the second product per
-/// column block afterwards, expert_outputs_combined).
-template <class Act, class T, class P>
-void expert_hidden(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, const expert_weights<T>& w,
-                   const P& p, const layer_buffers<T>& b, index_t n_tasks) noexcept {
-  ctx.parallel_for(n_tasks, [&](index_t task, index_t) noexcept {
-    const task_rows t = rows_of_task(b, task);
-    task_hidden<Act>(isa, x, w, p, b, t.expert, t.begin, t.rows);
-  });
 }
 
 /// Second product of sorted rows [r0, r0 + rows) of expert e, output columns [c0, c0 + nc):
@@ -158,38 +136,38 @@ void run_experts(const context<cpu>& ctx, cpu_isa isa, matrix_view<const T> x, c
   });
 }
 
-/// The second product fused with the combine: y = b2 (or 0) + sum over each token's slots, in
-/// ascending expert order (the plan's slot order), of w_s (b2_e + post W2_e). One task per block
-/// of output_block_cols columns walks the experts in order, so every element of y receives its
-/// terms in the same order as the separate combine (combine.hpp) gives them: the same bits. The
-/// expert outputs go to a per-worker tile, added into y while it is still in cache, and are not
-/// kept (inference: backward needs them in b.out, which run_experts writes). Writing them to b.out
-/// here instead was slower than run_experts + combine (column-block strided stores).
+/// Inference on one worker: experts in ascending order, each row block's two products and then
+/// its scaled adds into the tokens' output rows, so every element of y receives its terms in the
+/// plan's slot order as the same fused multiply-adds: the bits of run_experts + combine.hpp. A
+/// block's hidden rows and outputs stay in L1/L2 between the products and the adds, and nothing
+/// per slot is written to memory and read back.
 template <class Act, class T, class P>
-void expert_outputs_combined(const context<cpu>& ctx, cpu_isa isa, matrix_view<T> y, const expert_weights<T>& w,
-                             const P& p, const layer_buffers<T>& b) noexcept {
+void experts_combined_in_order(cpu_isa isa, matrix_view<const T> x, matrix_view<T> y, const expert_weights<T>& w,
+                               const P& p, const layer_buffers<T>& b) noexcept {
   const index_t d = w.d_model(), fn = width_factor<Act> * w.width(), E = w.num_experts();
   const T* b2 = w.output_bias_ptr();
-  const index_t blocks = (d + output_block_cols - 1) / output_block_cols;
-  ctx.parallel_for(blocks, [&](index_t blk, index_t worker) noexcept {
-    const index_t c0 = blk * output_block_cols, nc = (std::min)(output_block_cols, d - c0);
-    for (index_t t = 0; t < y.rows; ++t) {
-      T* yt = y.row(t) + c0;
-      if (b2)
-        std::copy(b2 + c0, b2 + c0 + nc, yt);
-      else
-        std::fill(yt, yt + nc, T(0));
-    }
-    T* tile = b.out_tile.get(worker);  // rows_per_task x nc
-    for (index_t e = 0; e < E; ++e) {
-      for_each_row_block(b.expert_offsets[e], b.expert_offsets[e + 1], [&](index_t r0, index_t rows) noexcept {
-        expert_output_columns(isa, w, p, b, fn, e, r0, rows, c0, nc, tile, nc);
-        for (index_t i = 0; i < rows; ++i)
-          scaled_add<T>(isa, nc, b.plan.weight[b.sorted_slot[r0 + i]], tile + i * nc,
-                        y.row(b.sorted_token[r0 + i]) + c0);
-      });
-    }
-  });
+  for (index_t t = 0; t < y.rows; ++t) {
+    T* yt = y.row(t);
+    if (b2)
+      std::copy(b2, b2 + d, yt);
+    else
+      std::fill(yt, yt + d, T(0));
+  }
+  T* tile = b.out_tile;  // rows_per_task x d
+  // The outputs of at most `sub` rows at a time (about 96 KB: they stay in L2 for the adds).
+  const index_t sub = (std::max)(index_t(1), (std::min)(rows_per_task, (index_t(96) << 10) / (d * index_t(sizeof(T)))));
+  for (index_t e = 0; e < E; ++e) {
+    for_each_row_block(b.expert_offsets[e], b.expert_offsets[e + 1], [&](index_t r0, index_t rows) noexcept {
+      task_hidden<Act>(isa, x, w, p, b, e, r0, rows);
+      for (index_t s0 = 0; s0 < rows; s0 += sub) {
+        const index_t sr = (std::min)(sub, rows - s0);
+        expert_output_columns(isa, w, p, b, fn, e, r0 + s0, sr, 0, d, tile, d);
+        for (index_t i = 0; i < sr; ++i)
+          scaled_add<T>(isa, d, b.plan.weight[b.sorted_slot[r0 + s0 + i]], tile + i * d,
+                        y.row(b.sorted_token[r0 + s0 + i]));
+      }
+    });
+  }
 }
 
 /// Expert parameter gradients (overwriting every expert's part of g) and dx per slot (b.dx_slot).

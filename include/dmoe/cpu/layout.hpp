@@ -38,7 +38,7 @@ struct layer_buffers {
   index_t* task_begin = nullptr;      ///< (max_tasks + 1) first sorted row of the task, then the end of the last
   T* hidden = nullptr;                ///< (slots, hidden_ld): [pre-activation (f n) | post (n)]
   T* out = nullptr;                   ///< (slots, d): expert output per sorted row (b2_e included)
-  worker_scratch<T> out_tile;         ///< per worker (rows_per_task, d): expert outputs in inference
+  T* out_tile = nullptr;              ///< (rows_per_task, d): infer's fused path (one worker)
   worker_scratch<T> pack;             ///< per worker GEMM packing panels
   select_scratch<T> select;           ///< per worker one token's selection (counting pass)
   index_t hidden_ld = 0;
@@ -107,8 +107,7 @@ layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t to
   b.hidden_ld = round16(dm.f * dm.n + dm.n);
   b.hidden = c.take<T>(c.mul(slots, b.hidden_ld));
   b.out = c.take<T>(c.mul(slots, dm.d));
-  b.out_tile.stride = round16(rows_per_task * dm.d);
-  b.out_tile.base = c.take<T>(c.mul(threads, b.out_tile.stride));
+  b.out_tile = c.take<T>(c.mul(rows_per_task, dm.d));
   b.pack.stride = round16(dm.pack_elems);
   b.pack.base = c.take<T>(c.mul(threads, b.pack.stride));
   const index_t sel = dm.fixed_k ? 0 : round16(dm.max_k);

@@ -249,16 +249,13 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     const index_t n_tasks = detail::cpu_backend::dispatch(b, num_experts());
     const cpu_isa isa = active_cpu_isa();
     packed_.refresh(experts_, isa);  // no-op unless the weights or the instruction set changed
-    const index_t slots = b.expert_offsets[num_experts()];
     // The bits are the same either way; fused_combine_pays says which is faster.
     with_panels([&](const auto& p) {
-      if (keep_outputs ||
-          !detail::cpu_backend::fused_combine_pays(slots, cfg_.d_model, sizeof(T), ctx.concurrency())) {
+      if (keep_outputs || !detail::cpu_backend::fused_combine_pays(ctx.concurrency())) {
         detail::cpu_backend::run_experts<Activation>(ctx, isa, x, experts_, p, b, n_tasks);
         detail::cpu_backend::combine(ctx, isa, y, b, cfg_.d_model, experts_.output_bias_ptr());
       } else {
-        detail::cpu_backend::expert_hidden<Activation>(ctx, isa, x, experts_, p, b, n_tasks);
-        detail::cpu_backend::expert_outputs_combined<Activation>(ctx, isa, y, experts_, p, b);
+        detail::cpu_backend::experts_combined_in_order<Activation>(isa, x, y, experts_, p, b);
       }
     });
     b.stamp->state = keep_outputs ? detail::workspace_stamp::complete : detail::workspace_stamp::inference;

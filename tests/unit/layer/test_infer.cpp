@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
-// moe_layer::infer: the fused combine (second product adding w_s out into y per column block)
-// gives the same bits as forward (per-expert tasks, then the combine), for every policy,
-// activation, scalar type, thread count and instruction set, on random shapes (d not a multiple
-// of the 128-column block included); and backward refuses the workspace infer filled.
+// moe_layer::infer: the fused combine (experts in order, each row block's outputs added as w_s out
+// into y) gives the same bits as forward (per-expert tasks, then the combine), for every policy,
+// activation, scalar type, thread count and instruction set, on random shapes; and backward
+// refuses the workspace infer filled.
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -18,19 +18,12 @@ namespace {
 
 namespace cb = dmoe::detail::cpu_backend;
 
-/// Moves infer's fused/unfused cut for the scope of a test: fused from `bytes` of slot outputs
-/// (0: always; the largest value: never) on at most `workers` workers.
+/// Moves infer's fused/unfused cut for the scope of a test: fused on at most `workers` workers
+/// (0: never).
 struct fused_cut {
-  std::size_t before = cb::fused_combine_min_bytes().load();
-  dmoe::index_t workers_before = cb::fused_combine_max_workers().load();
-  fused_cut(std::size_t bytes, dmoe::index_t workers) {
-    cb::fused_combine_min_bytes().store(bytes);
-    cb::fused_combine_max_workers().store(workers);
-  }
-  ~fused_cut() {
-    cb::fused_combine_min_bytes().store(before);
-    cb::fused_combine_max_workers().store(workers_before);
-  }
+  dmoe::index_t before = cb::fused_combine_max_workers().load();
+  explicit fused_cut(dmoe::index_t workers) { cb::fused_combine_max_workers().store(workers); }
+  ~fused_cut() { cb::fused_combine_max_workers().store(before); }
 };
 
 template <class T>
@@ -39,11 +32,20 @@ bool same(const row_matrix<T>& a, const row_matrix<T>& b) {
          std::memcmp(a.data(), b.data(), sizeof(T) * std::size_t(a.size())) == 0;
 }
 
+/// `crowded`: 300 tokens of d = 300 over at most 3 experts, so an expert has several 128-row
+/// tasks and the fused path adds each task's outputs in several blocks of rows.
 template <class T, class P, class A>
-void check_infer(std::uint64_t seed) {
+void check_infer(std::uint64_t seed, bool crowded = false) {
   case_params p = random_params(seed, policy_of<P>(), 0.5);
   test_rng g(seed ^ 0x1f3d);
-  if (g.coin(0.5)) p.d = g.integer(129, 300);  // several column blocks, a partial last one
+  if (g.coin(0.5)) p.d = g.integer(129, 300);  // wider rows: fewer of them per fused output block
+  if (crowded) {
+    p.d = 300;
+    p.tokens = 300;
+    p.E = std::min(p.E, 3);
+    p.k = std::min(p.k, p.E);
+    p.k_max = std::min(p.k_max, p.E);
+  }
   p.tokens = std::max(p.tokens, 1);
   INFO(p.describe());
   prepared_case<T, P, A> c(p, 3);
@@ -51,8 +53,8 @@ void check_infer(std::uint64_t seed) {
   const dmoe::context<dmoe::cpu> ctxs[] = {{}, {&pool2}, {&pool3}};
   row_matrix<T> y_fwd = row_matrix<T>::Constant(p.tokens, p.d, T(-1));
   REQUIRE(c.layer.forward({}, c.x, y_fwd, c.ws).ok());
-  for (std::size_t cut : {std::size_t(0), std::size_t(1) << 20, std::size_t(-1)}) {
-    fused_cut scope(cut, 1 << 20);  // on any number of workers
+  for (dmoe::index_t cut : {dmoe::index_t(0), dmoe::index_t(1), dmoe::index_t(1) << 20}) {
+    fused_cut scope(cut);  // never, on one worker, on any number of workers
     for (const auto& ctx : ctxs) {
       CAPTURE(cut);
       CAPTURE(ctx.concurrency());
@@ -65,7 +67,7 @@ void check_infer(std::uint64_t seed) {
     }
   }
   // And the instruction sets (both AVX-512 tiles), fused.
-  fused_cut scope(0, 1);
+  fused_cut scope(1 << 20);
   const dmoe::cpu_isa before = dmoe::active_cpu_isa();
   for (int i = int(dmoe::cpu_isa::portable); i <= int(dmoe::supported_cpu_isa()); ++i) {
     REQUIRE(dmoe::set_cpu_isa(dmoe::cpu_isa(i)).ok());
@@ -99,6 +101,10 @@ void check_all(int seeds) {
     check_infer<T, dmoe::top_any, dmoe::silu>(s + 4);
     check_infer<T, dmoe::top_any, dmoe::gelu_tanh>(s + 5);
   }
+  const std::uint64_t s = seed_of(std::string("infer/crowded/") + type_name<T>(), 0);
+  check_infer<T, dmoe::top_k, dmoe::swiglu>(s, true);
+  check_infer<T, dmoe::dynamic_k, dmoe::relu>(s + 1, true);
+  check_infer<T, dmoe::top_any, dmoe::gelu_erf>(s + 2, true);
 }
 
 }  // namespace
