@@ -42,9 +42,11 @@ class _MoEFunction(torch.autograd.Function):
         xd = x.detach()
         y = torch.empty_like(xd)
         try:
-            layer.forward(xd, y, workspace=ws)
+            # NumPy views of the tensors (zero-copy): the binding takes them through the buffer
+            # protocol, several microseconds cheaper per array than torch's __dlpack__.
+            layer.forward(xd.numpy(), y.numpy(), workspace=ws)
             if module._adapter is not None and module.training:
-                module._adapter.record(xd, workspace=ws)
+                module._adapter.record(xd.numpy(), workspace=ws)
             aux = layer.aux_losses(workspace=ws)
         except BaseException:
             module._give_workspace(ws)
@@ -72,7 +74,8 @@ class _MoEFunction(torch.autograd.Function):
         module = ctx.module()
         try:
             reuse = module._take_grads() if module is not None else None
-            dx, grads = layer.backward(x.detach(), dy, workspace=ws, aux_weights=weights, grads=reuse)
+            dx, grads = layer.backward(x.detach().numpy(), dy.numpy(), workspace=ws, aux_weights=weights,
+                                       grads=reuse)
         finally:
             if module is not None:
                 module._give_workspace(ws)
@@ -158,8 +161,11 @@ class MoE(nn.Module):
         return None
 
     def _check_params(self, params: List[nn.Parameter]) -> None:
+        ptrs = self._ptrs
         for name, p in zip(self._param_names, params):
-            if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or p.data_ptr() != self._ptrs[name]:
+            # data_ptr() first: it differs whenever the tensor was moved, cast or replaced, and it
+            # is the one check every forward pays (the others only explain the failure).
+            if p is None or p.data_ptr() != ptrs[name] or p.device.type != "cpu" or p.dtype != torch.float32:
                 raise RuntimeError(
                     f"MoE: parameter '{name}' no longer shares memory with the dmoe layer (it was moved, cast or "
                     f"replaced, e.g. by .to()/.cuda()/.double() or assigning .data); dmoe runs float32 on the CPU "
@@ -167,10 +173,11 @@ class MoE(nn.Module):
                 )
         # The C++ kernels read a packed copy of w1/w2; torch's version counters tell when an
         # optimizer step or an in-place edit wrote the shared storage, and then it is repacked.
-        versions = tuple(p._version for p in params)
-        if versions != getattr(self, "_seen_versions", None):
+        versions = [p._version for p in params]
+        if versions != self.__dict__.get("_seen_versions"):
             self.layer.mark_modified()
-            self._seen_versions = versions
+            # Plain attributes set through __dict__: nn.Module.__setattr__ costs microseconds a call.
+            self.__dict__["_seen_versions"] = versions
 
     def train(self, mode: bool = True) -> "MoE":
         super().train(mode)
@@ -199,12 +206,13 @@ class MoE(nn.Module):
             # No autograd state: the layer's own workspace, nothing kept for a backward.
             xd = x2.detach()
             y = torch.empty_like(xd)
-            self.layer.infer(xd, y)  # the fused combine: same bits, nothing kept for a backward
+            self.layer.infer(xd.numpy(), y.numpy())  # same bits, nothing kept for a backward
             if self._adapter is not None and self.training:
-                self._adapter.record(xd)
+                self._adapter.record(xd.numpy())
             aux = self.layer.aux_losses()
             aux_vec = torch.tensor([aux[n] for n in AUX_NAMES], dtype=torch.float32)
-        self._aux_vec, self._aux = aux_vec, None
+        self.__dict__["_aux_vec"] = aux_vec
+        self.__dict__["_aux"] = None
         y = y.reshape(*lead, d)
         return (y, self.aux_losses) if return_aux else y
 

@@ -41,6 +41,14 @@ def test_bench_binding_smoke(tmp_path):
         assert r["f"] == pytest.approx(2 / 4)
 
 
+def test_bench_module_overhead_smoke():
+    out = run("bench_module_overhead.py", "--shape", "16,3,4,2", "--calls", "20", "--rounds", "1")
+    rows = [line for line in out.splitlines() if line.endswith(" us")]
+    assert [line.split("  ")[0] for line in rows] == [
+        "MoELayer.forward (NumPy views)", "dmoe.torch.MoE forward (autograd)", "dmoe.torch.MoE forward (no_grad)"]
+    assert all(float(line.split()[-2]) > 0 for line in rows)
+
+
 def test_bench_train_step_smoke(tmp_path):
     out_json = tmp_path / "train.json"
     out = run("bench_train_step.py", "--shape", "24,6,8,2", "--tokens", "20", "--threads", "1", "--steps", "3",
