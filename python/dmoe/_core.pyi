@@ -218,8 +218,8 @@ class MoELayer:
 
     def infer(self, x: object, out: object | None = None, *, workspace: Workspace | None = None) -> object:
         """
-        y = MoE(x) for inference: forward's bits, faster at large batches (each expert's output is
-        added into y as it is computed, not kept). Routing statistics, plan and scores are kept;
+        y = MoE(x) for inference: forward's bits; on one thread each expert's output is added into y
+        as it is computed, not kept. Routing statistics, plan and scores are kept;
         backward refuses the workspace (call forward for training). Arguments as for forward.
         """
 

@@ -730,8 +730,8 @@ NB_MODULE(_core, m) {
            "workspace: where the forward's state is kept for backward (default: the layer's own).\n"
            "The GIL is released while it runs.")
       .def("infer", &layer_infer, "x"_a, "out"_a = nb::none(), nb::kw_only(), "workspace"_a.none() = nb::none(),
-           "y = MoE(x) for inference: forward's bits, faster at large batches (each expert's output is\n"
-           "added into y as it is computed, not kept). Routing statistics, plan and scores are kept;\n"
+           "y = MoE(x) for inference: forward's bits; on one thread each expert's output is added into y\n"
+           "as it is computed, not kept. Routing statistics, plan and scores are kept;\n"
            "backward refuses the workspace (call forward for training). Arguments as for forward.")
       .def("__call__", &layer_forward, "x"_a, "out"_a = nb::none(), nb::kw_only(), "workspace"_a.none() = nb::none())
       .def("make_gradients",

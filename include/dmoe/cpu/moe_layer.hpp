@@ -128,9 +128,9 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     return run_forward("moe_layer::forward", ctx, x, y, ws, stats, true);
   }
 
-  /// y = MoE(x) for inference: the same bits as forward, in less time at large batches, because
-  /// the expert outputs are added into y as they are computed instead of being kept for backward
-  /// (docs/design.md, "Fused combine"). The workspace then holds the plan and router scores
+  /// y = MoE(x) for inference: the same bits as forward. On one worker the expert outputs are
+  /// added into y as they are computed instead of being kept for backward (docs/design.md,
+  /// "Fused combine"); on more, the per-expert tasks and the combine run as in forward. The workspace then holds the plan and router scores
   /// (plan(), scores(), aux_loss_values() work) but no expert outputs: backward refuses it.
   /// Arguments as for forward.
   status infer(const context<cpu>& ctx, matrix_view<const T> x, matrix_view<T> y, workspace ws,
