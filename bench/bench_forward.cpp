@@ -259,11 +259,14 @@ void bm_loop(benchmark::State& state, index_t tokens, int threads, double target
 }
 
 std::string top_k_setting(layer_t<dmoe::top_k>& l, index_t k,
-                          dmoe::weight_storage storage = dmoe::weight_storage::f32) {
+                          dmoe::weight_storage storage = dmoe::weight_storage::f32,
+                          dmoe::infer_precision precision = dmoe::infer_precision::exact) {
   l.router().set_options({k, true});
   l.set_weight_storage(storage);  // repacked by the warm-up run, outside the timing
+  l.set_infer_precision(precision);
   return "top_k k=" + std::to_string(k) +
-         (storage == dmoe::weight_storage::f32 ? "" : std::string(" ") + dmoe::to_string(storage) + " weights");
+         (storage == dmoe::weight_storage::f32 ? "" : std::string(" ") + dmoe::to_string(storage) + " weights") +
+         (precision == dmoe::infer_precision::exact ? "" : " on bf16 tiles");
 }
 
 std::string dynamic_k_setting(layer_t<dmoe::dynamic_k>& l, index_t tokens, double target) {
@@ -273,10 +276,11 @@ std::string dynamic_k_setting(layer_t<dmoe::dynamic_k>& l, index_t tokens, doubl
 }
 
 void bm_top_k(benchmark::State& state, index_t tokens, int threads, index_t k, bool infer = false,
-              dmoe::weight_storage storage = dmoe::weight_storage::f32) {
+              dmoe::weight_storage storage = dmoe::weight_storage::f32,
+              dmoe::infer_precision precision = dmoe::infer_precision::exact) {
   bm_moe<dmoe::top_k>(
       state, tokens, threads, double(k) / double(num_experts),
-      [k, storage](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k, storage); }, infer);
+      [k, storage, precision](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k, storage, precision); }, infer);
 }
 
 void bm_dynamic_k(benchmark::State& state, index_t tokens, int threads, int percent, bool infer = false) {
@@ -319,6 +323,11 @@ void register_all() {
         reg("infer_top_k" + arg, [=](benchmark::State& s) { bm_top_k(s, tokens, threads, k, true); });
         reg("infer_top_k_bf16" + arg,
             [=](benchmark::State& s) { bm_top_k(s, tokens, threads, k, true, dmoe::weight_storage::bf16); });
+        // infer_precision::bf16 (activations rounded too, on AMX tiles): only where it runs.
+        if (dmoe::cpu_has_bf16_tiles())
+          reg("infer_top_k_bf16_tiles" + arg, [=](benchmark::State& s) {
+            bm_top_k(s, tokens, threads, k, true, dmoe::weight_storage::f32, dmoe::infer_precision::bf16);
+          });
         reg("loop_top_k" + arg, [=](benchmark::State& s) {
           bm_loop<dmoe::top_k>(s, tokens, threads, f, [k](layer_t<dmoe::top_k>& l) { return top_k_setting(l, k); });
         });

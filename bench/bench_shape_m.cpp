@@ -181,18 +181,23 @@ void moe_counters(benchmark::State& state, const dmoe::routing_stats& stats, dou
   state.counters["experts_used"] = double(experts_used(stats));
 }
 
-void bm_moe(benchmark::State& state, index_t tokens, int threads) {
+/// forward, or infer (with `precision`: infer_top_k_bf16_tiles runs it on bf16 tiles).
+void bm_moe(benchmark::State& state, index_t tokens, int threads, bool infer = false,
+            dmoe::infer_precision precision = dmoe::infer_precision::exact) {
   try {
-    const auto& l = m_layer();
+    auto& l = m_layer();
+    l.set_infer_precision(precision);  // the first such call packs the tiles, outside the timing
     const auto ctx = context_for(threads);
     dmoe::workspace_buffer ws(l.workspace_size(ctx, tokens));
     const matrix& x = m_input(tokens);
     matrix y(tokens, m_d_model);
     dmoe::routing_stats stats(l.num_experts());
-    dmoe::throw_if_error(l.forward(ctx, x, y, ws, &stats));
-    const double secs = timed(state, [&] { return l.forward(ctx, x, y, ws).ok(); });
+    auto run = [&](dmoe::routing_stats* st) { return infer ? l.infer(ctx, x, y, ws, st) : l.forward(ctx, x, y, ws, st); };
+    dmoe::throw_if_error(run(&stats));
+    const double secs = timed(state, [&] { return run(nullptr).ok(); });
     moe_counters(state, stats, secs, threads, tokens);
-    state.SetLabel("top_k k=8 of " + std::to_string(l.num_experts()) + " threads=" + std::to_string(threads));
+    state.SetLabel("top_k k=8 of " + std::to_string(l.num_experts()) + " threads=" + std::to_string(threads) +
+                   (precision == dmoe::infer_precision::bf16 ? " on bf16 tiles" : ""));
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
   }
@@ -241,6 +246,11 @@ void register_all() {
       if (threads == 1) reg("dense_eq_eigen" + suffix, [=](benchmark::State& s) { bm_dense_eq_eigen(s, tokens); });
       reg("dense_eq_openblas" + suffix, [=](benchmark::State& s) { bm_dense_eq_openblas(s, tokens, threads); });
       reg("moe_top_k" + suffix + "/k:8", [=](benchmark::State& s) { bm_moe(s, tokens, threads); });
+      reg("infer_top_k" + suffix + "/k:8", [=](benchmark::State& s) { bm_moe(s, tokens, threads, true); });
+      if (dmoe::cpu_has_bf16_tiles())
+        reg("infer_top_k_bf16_tiles" + suffix + "/k:8", [=](benchmark::State& s) {
+          bm_moe(s, tokens, threads, true, dmoe::infer_precision::bf16);
+        });
       reg("loop_top_k" + suffix + "/k:8", [=](benchmark::State& s) { bm_loop(s, tokens, threads); });
     }
 }

@@ -16,6 +16,7 @@
 #include "core/workspace.hpp"
 #include "experts/activation.hpp"
 #include "experts/expert_weights.hpp"
+#include "experts/infer_precision.hpp"
 #include "experts/weight_storage.hpp"
 #include "routing/plan.hpp"
 #include "routing/routers.hpp"

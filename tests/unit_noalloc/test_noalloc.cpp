@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // SPDX-FileCopyrightText: dmoe authors
-// The hot path never allocates (docs/design.md): forward runs with Eigen's run-time malloc
-// guard off (EIGEN_RUNTIME_NO_MALLOC: any Eigen heap allocation asserts) and with the global
+// The hot path never allocates (docs/design.md): forward and infer (float layers: on bf16 tiles,
+// where the CPU has them) run with Eigen's run-time malloc guard off (EIGEN_RUNTIME_NO_MALLOC: any
+// Eigen heap allocation asserts) and with the global
 // operator new/delete replaced by counting versions, for every policy, plain and gated
 // activations, no executor and a 2-thread pool (created before counting), small and large
 // batches, zero tokens, and the error paths (a status never allocates).
@@ -102,6 +103,8 @@ void check_no_alloc(typename P::options opt) {
   x_bad.setZero();
   dmoe::workspace_buffer ws(layer.workspace_size(dmoe::workspace_bounds{300, 2}));
   dmoe::routing_stats stats(E), wrong_stats(E + 1);
+  // infer on bf16 tiles where the CPU has them (the tiles are allocated here, packed in the loop).
+  if constexpr (std::is_same_v<T, float>) layer.set_infer_precision(dmoe::infer_precision::bf16);
 
   for (int threads : {1, 2}) {
     CAPTURE(threads);
@@ -113,6 +116,7 @@ void check_no_alloc(typename P::options opt) {
         const dmoe::matrix_view<T> yv(y.data(), tokens, d);
         all_ok = all_ok && layer.forward(ctx, xv, yv, ws).ok();
         all_ok = all_ok && layer.forward(ctx, xv, yv, ws, &stats).ok();
+        all_ok = all_ok && layer.infer(ctx, xv, yv, ws, &stats).ok();
       }
       // Error paths format their message into the status: still no allocation.
       all_ok = all_ok && !layer.forward(ctx, x_bad, y, ws).ok();
@@ -137,7 +141,7 @@ TEST_SUITE("noalloc") {
     CHECK(counts.second == 1);
   }
 
-  TEST_CASE_TEMPLATE("forward does not allocate", T, float, double) {
+  TEST_CASE_TEMPLATE("forward and infer do not allocate", T, float, double) {
     check_no_alloc<T, dmoe::top_k, dmoe::relu>({2, true});
     check_no_alloc<T, dmoe::top_k, dmoe::swiglu>({6, false});
     check_no_alloc<T, dmoe::dynamic_k, dmoe::gelu_erf>({0.2, 0});

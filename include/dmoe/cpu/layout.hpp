@@ -13,10 +13,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../core/config.hpp"
 #include "../core/workspace.hpp"
 #include "../routing/plan.hpp"
+#include "detail/half.hpp"
 #include "route.hpp"
 #include "route_backward.hpp"
 #include "tasks.hpp"
@@ -39,13 +41,14 @@ struct layer_buffers {
   T* hidden = nullptr;                ///< (slots, hidden_ld): [pre-activation (f n) | post (n)]
   T* out = nullptr;                   ///< (slots, d): expert output per sorted row (b2_e included)
   T* out_tile = nullptr;              ///< (rows_per_task, d): infer's fused path (one worker)
+  bf16_t* x_bf16 = nullptr;           ///< (tokens, round32(d)), float layers: x in bf16 for infer on tiles
   worker_scratch<T> pack;             ///< per worker GEMM packing panels
   select_scratch<T> select;           ///< per worker one token's selection (counting pass)
   index_t hidden_ld = 0;
   // backward only
   T* dweight = nullptr;               ///< (slots) dL/dw_s
   T* dx_slot = nullptr;               ///< (slots, d) dL/dx through each slot's expert
-  worker_scratch<T> bwd;              ///< per worker: g (R d) | dpost (R n) | dpre (R f n)
+  worker_scratch<T> bwd;              ///< per worker: g (R d) | dpost (R n) | dpre (R f n); infer: bf16 tile scratch
   router_grad_scratch<T> rgrad;
 };
 
@@ -108,6 +111,7 @@ layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t to
   b.hidden = c.take<T>(c.mul(slots, b.hidden_ld));
   b.out = c.take<T>(c.mul(slots, dm.d));
   b.out_tile = c.take<T>(c.mul(rows_per_task, dm.d));
+  b.x_bf16 = c.take<bf16_t>(std::is_same_v<T, float> ? c.mul(tokens, (dm.d + 31) / 32 * 32) : 0);
   b.pack.stride = round16(dm.pack_elems);
   b.pack.base = c.take<T>(c.mul(threads, b.pack.stride));
   const index_t sel = dm.fixed_k ? 0 : round16(dm.max_k);
@@ -117,7 +121,15 @@ layer_buffers<T> carve_layer(detail::carver& c, const layer_dims& dm, index_t to
   b.select.weight.base = c.take<T>(c.mul(threads, sel));
   b.dweight = c.take<T>(slots);
   b.dx_slot = c.take<T>(c.mul(slots, dm.d));
-  b.bwd.stride = round16(rows_per_task * (dm.d + dm.n + dm.f * dm.n));
+  // Backward's g | dpost | dpre, or (float layers; infer runs no backward) infer_bf16.hpp's tile
+  // scratch: x rows and post rows in bf16 (rows padded to 32 values), [pre | post] in float, and
+  // 32 rows of expert outputs.
+  const index_t bwd_elems = rows_per_task * (dm.d + dm.n + dm.f * dm.n);
+  const index_t tile_elems = std::is_same_v<T, float> ? rows_per_task * ((dm.d + 31) / 32 * 16 + b.hidden_ld +
+                                                                         (dm.n + 31) / 32 * 16) +
+                                                            32 * round16(dm.d)
+                                                      : 0;
+  b.bwd.stride = round16((std::max)(bwd_elems, tile_elems));
   b.bwd.base = c.take<T>(c.mul(threads, b.bwd.stride));
   b.rgrad.dscores = c.take<T>(c.mul(tokens, dm.E));
   b.rgrad.expert_tmp = c.take<T>(4 * dm.E);

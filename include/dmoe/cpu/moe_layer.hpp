@@ -11,6 +11,7 @@
 ///     stable in token order, and the task list;
 ///  3. experts (cpu/experts.hpp): per task, the token rows times W1_e, activation, times W2_e;
 ///  4. combine (cpu/combine.hpp): per token, y = b2 + sum over its slots in slot order of w_s out.
+/// infer with infer_precision::bf16 runs 3 and 4 on bf16 matrix tiles (cpu/infer_bf16.hpp).
 /// Buffers: cpu/layout.hpp; task cut: cpu/tasks.hpp; checks and FLOPs shared with CUDA:
 /// layer/spec.hpp. No heap allocation, no atomics on data, task boundaries independent of the
 /// thread count: results are bitwise identical for any executor.
@@ -25,6 +26,7 @@
 #include "../core/workspace.hpp"
 #include "../experts/activation.hpp"
 #include "../experts/expert_weights.hpp"
+#include "../experts/infer_precision.hpp"
 #include "../experts/weight_storage.hpp"
 #include "../layer/moe_layer.hpp"
 #include "../layer/parameters.hpp"
@@ -35,6 +37,7 @@
 #include "combine.hpp"
 #include "dispatch.hpp"
 #include "experts.hpp"
+#include "infer_bf16.hpp"
 #include "layout.hpp"
 #include "route.hpp"
 #include "route_backward.hpp"
@@ -94,6 +97,28 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
   /// Cold path (allocates; the next forward packs); not while forward/backward run.
   void set_weight_storage(dmoe::weight_storage s) { packed_.set_storage(s); }
   dmoe::weight_storage weight_storage() const noexcept { return packed_.storage(); }
+
+  /// What infer() may compute with (dmoe::infer_precision; default exact: forward's bits). With
+  /// bf16, on a CPU with bf16 matrix tiles (dmoe::cpu_has_bf16_tiles(), active instruction set
+  /// avx512), infer rounds x rows, hidden activations, W1 and W2 to bf16 and multiplies on the
+  /// tiles in float: not forward's bits (about bf16's precision from them), but deterministic and
+  /// batch invariant; elsewhere it stays exact. The layer keeps bf16 tile copies of W1 and W2
+  /// (half the bytes of the float weights), repacked on the first infer after a weight change.
+  /// forward and backward are unaffected. Throws dmoe::error: invalid_argument on a double layer
+  /// or a value that is no infer_precision, out_of_memory. Cold path; not while infer runs.
+  void set_infer_precision(dmoe::infer_precision p) {
+    if (p != dmoe::infer_precision::exact && p != dmoe::infer_precision::bf16)
+      detail::raisef(errc::invalid_argument, "set_infer_precision: %d is not an infer_precision", int(p));
+    packed_.set_tiles(p == dmoe::infer_precision::bf16);
+  }
+  dmoe::infer_precision infer_precision() const noexcept {
+    return packed_.tiles_enabled() ? dmoe::infer_precision::bf16 : dmoe::infer_precision::exact;
+  }
+  /// Whether infer() runs on bf16 tiles now (infer_precision bf16, and the CPU and active
+  /// instruction set allow it).
+  bool infer_uses_bf16_tiles() const noexcept {
+    return packed_.tiles_enabled() && active_cpu_isa() == cpu_isa::avx512 && cpu_has_bf16_tiles();
+  }
 
   /// Multiply-add FLOPs of one (token, expert) slot: 2 d n (2, or 3 if gated).
   double flops_per_slot() const noexcept { return spec::flops_per_slot(cfg_); }
@@ -248,6 +273,14 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
     DMOE_TRY(detail::cpu_backend::route(ctx, router_, x, b.plan, b.slot_capacity, b.router, b.pack, b.select));
     const index_t n_tasks = detail::cpu_backend::dispatch(b, num_experts());
     const cpu_isa isa = active_cpu_isa();
+    if constexpr (std::is_same_v<T, float>) {
+      if (!keep_outputs && infer_uses_bf16_tiles()) {
+        packed_.refresh_tiles(experts_);  // no-op unless the weights changed
+        detail::cpu_backend::infer_on_tiles<Activation>(ctx, isa, x, y, experts_, packed_.tiles(), b, n_tasks,
+                                                        detail::cpu_backend::fused_combine_pays(ctx.concurrency()));
+        return finish_forward(b, stats, keep_outputs);
+      }
+    }
     packed_.refresh(experts_, isa);  // no-op unless the weights or the instruction set changed
     // The bits are the same either way; fused_combine_pays says which is faster.
     with_panels([&](const auto& p) {
@@ -258,6 +291,10 @@ class moe_layer<T, cpu, Policy, Activation, Experts, Width>
         detail::cpu_backend::experts_combined_in_order<Activation>(isa, x, y, experts_, p, b);
       }
     });
+    return finish_forward(b, stats, keep_outputs);
+  }
+  status finish_forward(const detail::cpu_backend::layer_buffers<T>& b, routing_stats* stats,
+                        bool keep_outputs) const noexcept {
     b.stamp->state = keep_outputs ? detail::workspace_stamp::complete : detail::workspace_stamp::inference;
     if (stats) stats->record(b.plan, flops_per_slot(), spec::router_flops_per_token(cfg_));
     return {};

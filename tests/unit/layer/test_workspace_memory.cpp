@@ -32,7 +32,9 @@ void per_slot_and_token(dmoe::index_t d, dmoe::index_t E, dmoe::index_t n, dmoe:
   const std::int64_t hidden = std::is_same_v<P, dmoe::dynamic_k> ? h : 0;
   const std::int64_t hidden_ld = (f * n + n + 15) / 16 * 16;  // rows padded to 16 values (cpu/layout.hpp)
   const std::int64_t slot_bytes = 28 + (hidden_ld + 2 * d + 2) * s;
-  const std::int64_t token_bytes = 8 + (2 * E + hidden + 1) * s;
+  // float layers: each token's x in bf16, rows padded to 32 values, for infer on bf16 tiles
+  const std::int64_t x_bf16 = std::is_same_v<Scalar, float> ? 2 * ((d + 31) / 32 * 32) : 0;
+  const std::int64_t token_bytes = 8 + (2 * E + hidden + 1) * s + x_bf16;
   const std::int64_t slack = 40 * 256;  // at most one alignment gap per buffer
   // Slots: at a fixed token count, 128 000 more slots cost 128 000 slot_bytes + 1000 task entries.
   const dmoe::index_t T = 40000, S0 = 1000, S1 = S0 + 128000;

@@ -27,6 +27,7 @@
 #include "../../core/status.hpp"
 #include "../../experts/expert_weights.hpp"
 #include "../../experts/weight_storage.hpp"
+#include "amx_kernels.hpp"
 #include "half.hpp"
 #include "isa.hpp"
 #include "panel_kernels.hpp"
@@ -105,6 +106,20 @@ struct expert_panels {
   }
 };
 
+/// What infer's tile products (amx_kernels.hpp) read: W1_e (d x f n) and W2_e (n x d) packed by
+/// amx_pack_b, and the expert biases b1_e, b2_e zero padded to whole tiles (null without them).
+struct expert_tiles {
+  const bf16_t* w1 = nullptr;
+  const bf16_t* w2 = nullptr;
+  const float* b1 = nullptr;
+  const float* b2e = nullptr;
+  index_t w1_stride = 0, w2_stride = 0, b1_stride = 0, b2_stride = 0;
+  const bf16_t* w1_of(index_t e) const noexcept { return w1 + e * w1_stride; }
+  const bf16_t* w2_of(index_t e) const noexcept { return w2 + e * w2_stride; }
+  const float* b1_of(index_t e) const noexcept { return b1 ? b1 + e * b1_stride : nullptr; }
+  const float* b2e_of(index_t e) const noexcept { return b2e ? b2e + e * b2_stride : nullptr; }
+};
+
 /// The kernels' copy of the expert matrices in the layer's weight_storage: float panels of W1 and
 /// W2, or 16-bit panels of W1, W2 and (packed on the first backward) of W2^T and W1^T. Only the
 /// format in use is allocated (set_storage, cold path).
@@ -115,12 +130,19 @@ class packed_experts {
     aligned_array<H> w1, w2, w2t, w1t;
   };
   // Everything but the stamps and the lock: copied as a whole.
+  // infer_precision::bf16's tiles (float layers only; allocated by set_tiles).
+  struct tile_arrays {
+    bool enabled = false;
+    aligned_array<bf16_t> w1, w2;
+    aligned_array<float> b1, b2e;
+  };
   struct arrays {
     weight_storage storage = weight_storage::f32;
     index_t w1_stride = 0, w2_stride = 0, w2t_stride = 0, w1t_stride = 0;
     aligned_array<T> w1, w2;
     half_arrays<bf16_t> bf;
     half_arrays<f16_t> hf;
+    tile_arrays tiles;
   };
 
  public:
@@ -173,6 +195,65 @@ class packed_experts {
     allocate(s);
   }
 
+  bool tiles_enabled() const noexcept { return a_.tiles.enabled; }
+  /// Keeps (or drops) bf16 tile copies of W1, W2 for infer_precision::bf16 (cold path: allocates
+  /// them, the next such infer packs). Needs T = float.
+  void set_tiles(bool on) {
+    if (on == a_.tiles.enabled) return;
+    tile_arrays t;
+    if (on) {
+      if (!std::is_same_v<T, float>)
+        detail::raisef(errc::invalid_argument,
+                       "set_infer_precision(bf16): bf16 tiles need a float layer (this one computes in double)");
+      const expert_shape& s = shape_;
+      const char* what = "bf16 expert tiles";
+      t.w1 = aligned_array<bf16_t>(what, detail::checked_product_or_throw(what, s.num_experts, tile_w1_stride()));
+      t.w2 = aligned_array<bf16_t>(what, detail::checked_product_or_throw(what, s.num_experts, tile_w2_stride()));
+      if (s.hidden_bias) t.b1 = aligned_array<float>(what, detail::checked_product_or_throw(what, s.num_experts, round_up(s.first_width(), amx_rows)));
+      if (s.expert_bias) t.b2e = aligned_array<float>(what, detail::checked_product_or_throw(what, s.num_experts, round_up(s.d_model, amx_rows)));
+      t.enabled = true;
+    }
+    a_.tiles = std::move(t);
+    tile_version_.store(0);
+  }
+  /// Repacks the tiles if `w` changed since they were packed (as refresh; float layers).
+  void refresh_tiles(const expert_weights<T>& w) const noexcept {
+    if (tile_version_.load(std::memory_order_acquire) == w.version()) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (tile_version_.load(std::memory_order_acquire) == w.version()) return;
+    if constexpr (std::is_same_v<T, float>) {
+      const index_t d = shape_.d_model, fn = shape_.first_width(), n = shape_.width;
+      const index_t b1s = round_up(fn, amx_rows), b2s = round_up(d, amx_rows);
+      tile_arrays& t = a_.tiles;
+      for (index_t e = 0; e < shape_.num_experts; ++e) {
+        // w1_e is column-major d x fn (element (k, j) at w1[j d + k]); w2_e column-major n x d.
+        amx_pack_b(d, fn, w.w1_ptr(e), 1, d, t.w1.data() + e * tile_w1_stride());
+        amx_pack_b(n, d, w.w2_ptr(e), 1, n, t.w2.data() + e * tile_w2_stride());
+        auto padded = [](const float* src, index_t len, index_t stride, float* dst) noexcept {
+          std::copy(src, src + len, dst);
+          std::fill(dst + len, dst + stride, 0.0f);
+        };
+        if (t.b1.size() > 0) padded(w.b1_ptr(e), fn, b1s, t.b1.data() + e * b1s);
+        if (t.b2e.size() > 0) padded(w.b2e_ptr(e), d, b2s, t.b2e.data() + e * b2s);
+      }
+    }
+    tile_version_.store(w.version(), std::memory_order_release);
+  }
+  /// The tiles (valid after refresh_tiles).
+  expert_tiles tiles() const noexcept {
+    const tile_arrays& t = a_.tiles;
+    expert_tiles v;
+    v.w1 = t.w1.data();
+    v.w2 = t.w2.data();
+    v.b1 = t.b1.size() > 0 ? t.b1.data() : nullptr;
+    v.b2e = t.b2e.size() > 0 ? t.b2e.data() : nullptr;
+    v.w1_stride = tile_w1_stride();
+    v.w2_stride = tile_w2_stride();
+    v.b1_stride = round_up(shape_.first_width(), amx_rows);
+    v.b2_stride = round_up(shape_.d_model, amx_rows);
+    return v;
+  }
+
   /// Rebuilds the forward panels if `w` changed since they were packed, or the panel width did
   /// (another instruction set or AVX-512 tile); with `transposes` (backward, 16-bit formats) the
   /// transposed panels too. Safe to call from concurrent forwards (one packs, the others wait);
@@ -219,6 +300,8 @@ class packed_experts {
   }
 
  private:
+  index_t tile_w1_stride() const noexcept { return amx_packed_elems(shape_.d_model, shape_.first_width()); }
+  index_t tile_w2_stride() const noexcept { return amx_packed_elems(shape_.width, shape_.d_model); }
   template <class H>
   const half_arrays<H>& halves() const noexcept {
     if constexpr (std::is_same_v<H, bf16_t>)
@@ -238,10 +321,12 @@ class packed_experts {
     key_.store(o.key_.load(std::memory_order_acquire), std::memory_order_relaxed);
     t_version_.store(o.t_version_.load(std::memory_order_acquire), std::memory_order_relaxed);
     t_key_.store(o.t_key_.load(std::memory_order_acquire), std::memory_order_relaxed);
+    tile_version_.store(o.tile_version_.load(std::memory_order_acquire), std::memory_order_relaxed);
   }
   void forget() noexcept {
     version_.store(0);
     t_version_.store(0);
+    tile_version_.store(0);
   }
   void allocate(weight_storage s) {
     const index_t E = shape_.num_experts;
@@ -253,6 +338,7 @@ class packed_experts {
     n.w2_stride = a_.w2_stride;
     n.w2t_stride = a_.w2t_stride;
     n.w1t_stride = a_.w1t_stride;
+    n.tiles = std::move(a_.tiles);  // another storage format leaves infer's tiles as they are
     auto halves_of = [&](auto& h) {
       using H = std::remove_reference_t<decltype(*h.w1.data())>;
       h.w1 = aligned_array<H>(what, count(n.w1_stride));
@@ -311,6 +397,7 @@ class packed_experts {
   mutable std::atomic<index_t> key_{-1};             // layout packed (key_of)
   mutable std::atomic<std::uint64_t> t_version_{0};  // the same for the 16-bit transposes
   mutable std::atomic<index_t> t_key_{-1};
+  mutable std::atomic<std::uint64_t> tile_version_{0};  // the same for infer's bf16 tiles
   mutable std::mutex mutex_;  // each copy has its own
 };
 
