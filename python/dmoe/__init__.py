@@ -23,6 +23,7 @@ from ._core import (  # noqa: F401  (re-exported)
     __version__,
     activation_sparsity,
     activations,
+    cpu_has_bf16_tiles,
     load_moe_layer,
     policies,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "__version__",
     "activation_sparsity",
     "activations",
+    "cpu_has_bf16_tiles",
     "dense_from_weights",
     "load_moe_layer",
     "policies",

@@ -89,12 +89,13 @@ class RoutingStats:
 class MoELayer:
     """A Mixture-of-Experts layer over dmoe's CPU kernels (float32)."""
 
-    def __init__(self, d_model: int, num_experts: int, expert_width: int, *, policy: str = 'top_k', activation: str = 'gelu_erf', k: int | None = None, renormalize: bool | None = None, tau: float | None = None, k_max: int | None = None, training: bool | None = None, hidden_bias: bool = True, expert_bias: bool = False, output_bias: bool = True, router_hidden: int = 128, seed: int | None = 0, threads: int | None = None, pool: ThreadPool | None = None, weight_storage: str = 'f32') -> None:
+    def __init__(self, d_model: int, num_experts: int, expert_width: int, *, policy: str = 'top_k', activation: str = 'gelu_erf', k: int | None = None, renormalize: bool | None = None, tau: float | None = None, k_max: int | None = None, training: bool | None = None, hidden_bias: bool = True, expert_bias: bool = False, output_bias: bool = True, router_hidden: int = 128, seed: int | None = 0, threads: int | None = None, pool: ThreadPool | None = None, weight_storage: str = 'f32', infer_precision: str = 'exact') -> None:
         """
         Builds a layer. policy: 'top_k' (options k, renormalize), 'dynamic_k' (tau, k_max, router_hidden) or
         'top_any' (training). activation: relu, gelu_erf, gelu_tanh, silu, swiglu, geglu. Weights are
         randomized from `seed` (None: all zero). threads: a pool of its own; pool: a shared ThreadPool;
-        neither: the module's default pool (one thread per core). weight_storage: see the property.
+        neither: the module's default pool (one thread per core). weight_storage, infer_precision: see the
+        properties.
         """
 
     @property
@@ -135,6 +136,25 @@ class MoELayer:
 
     @weight_storage.setter
     def weight_storage(self, arg: str, /) -> None: ...
+
+    @property
+    def infer_precision(self) -> str:
+        """
+        What infer() may compute with: 'exact' (default: forward's bits) or 'bf16'. With 'bf16', on a CPU with
+        bf16 matrix tiles (Intel AMX: dmoe.cpu_has_bf16_tiles()), infer rounds the expert inputs, hidden
+        activations and W1, W2 to bfloat16 and multiplies on the tiles in float32: about bf16's precision
+        from forward's result, several times faster at large batches, still deterministic and independent
+        of the batch. Elsewhere infer stays exact. forward and backward are unaffected.
+        """
+
+    @infer_precision.setter
+    def infer_precision(self, arg: str, /) -> None: ...
+
+    @property
+    def infer_on_bf16_tiles(self) -> bool:
+        """
+        Whether infer() runs on bf16 tiles now (infer_precision 'bf16' on a CPU that has them).
+        """
 
     @property
     def threads(self) -> int:
@@ -435,6 +455,12 @@ class ExpertCountAdapter:
         """
         R_S: sum of the inputs that fired nothing (float64, zero-copy: all-reduce it in place).
         """
+
+def cpu_has_bf16_tiles() -> bool:
+    """
+    Whether this CPU runs MoELayer.infer_precision = 'bf16' on bf16 matrix tiles (Intel AMX-BF16, granted
+    by the OS); elsewhere that setting leaves infer exact.
+    """
 
 def activation_sparsity(a: object, kind: str = 'hoyer_squared') -> tuple:
     """

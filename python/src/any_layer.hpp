@@ -84,6 +84,10 @@ class any_layer {
   /// The format the kernels read W1 and W2 in (moe_layer::set_weight_storage).
   virtual weight_storage storage() const noexcept = 0;
   virtual void set_storage(weight_storage s) = 0;
+  /// What infer may compute with (moe_layer::set_infer_precision), and whether it runs on tiles now.
+  virtual dmoe::infer_precision infer_precision() const noexcept = 0;
+  virtual void set_infer_precision(dmoe::infer_precision p) = 0;
+  virtual bool infer_uses_bf16_tiles() const noexcept = 0;
 
   /// The routers, for the policy-specific calls (null for another policy).
   virtual top_any_router<float>* top_any() noexcept { return nullptr; }

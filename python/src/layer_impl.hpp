@@ -135,6 +135,9 @@ class layer_impl final : public any_layer {
   void mark_modified() noexcept override { layer_.experts().mark_modified(); }
   weight_storage storage() const noexcept override { return layer_.weight_storage(); }
   void set_storage(weight_storage s) override { layer_.set_weight_storage(s); }
+  dmoe::infer_precision infer_precision() const noexcept override { return layer_.infer_precision(); }
+  void set_infer_precision(dmoe::infer_precision p) override { layer_.set_infer_precision(p); }
+  bool infer_uses_bf16_tiles() const noexcept override { return layer_.infer_uses_bf16_tiles(); }
 
   top_any_router<float>* top_any() noexcept override {
     if constexpr (std::is_same_v<Policy, dmoe::top_any>)

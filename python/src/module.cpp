@@ -53,6 +53,14 @@ template <class... A>
   throw nb::type_error(buf);
 }
 
+/// The infer_precision named `s` ('exact', 'bf16'), or ValueError naming the argument.
+dmoe::infer_precision parse_precision(const std::string& s) {
+  dmoe::infer_precision out = dmoe::infer_precision::exact;
+  if (!dmoe::parse_infer_precision(s.c_str(), out))
+    value_error("infer_precision must be 'exact' or 'bf16', got '%s'", s.c_str());
+  return out;
+}
+
 /// The weight_storage named `s` ('f32', 'bf16', 'f16'), or ValueError naming the argument.
 weight_storage parse_storage(const std::string& s) {
   weight_storage out = weight_storage::f32;
@@ -590,7 +598,8 @@ NB_MODULE(_core, m) {
              const std::string& activation, std::optional<index_t> k, std::optional<bool> renormalize,
              std::optional<double> tau, std::optional<index_t> k_max, std::optional<bool> training, bool hidden_bias,
              bool expert_bias, bool output_bias, index_t router_hidden, std::optional<std::uint64_t> seed,
-             std::optional<int> threads, std::shared_ptr<thread_pool> pool, const std::string& storage) {
+             std::optional<int> threads, std::shared_ptr<thread_pool> pool, const std::string& storage,
+             const std::string& precision) {
             moe_config cfg;
             cfg.d_model = d_model;
             cfg.num_experts = num_experts;
@@ -605,8 +614,10 @@ NB_MODULE(_core, m) {
             const layer_options o = merge_options(policy, layer_options{}, k, renormalize, tau, k_max, training);
             auto pl = choose_pool(threads, std::move(pool));
             const weight_storage ws = parse_storage(storage);
+            const dmoe::infer_precision ip = parse_precision(precision);
             auto impl = make_any_layer(policy, activation, cfg, o);
             impl->set_storage(ws);
+            impl->set_infer_precision(ip);
             if (seed) impl->randomize(*seed);
             new (self) py_layer(wrap_layer(std::move(impl), std::move(pl)));
           },
@@ -614,11 +625,12 @@ NB_MODULE(_core, m) {
           "activation"_a = "gelu_erf", "k"_a = nb::none(), "renormalize"_a = nb::none(), "tau"_a = nb::none(),
           "k_max"_a = nb::none(), "training"_a = nb::none(), "hidden_bias"_a = true, "expert_bias"_a = false,
           "output_bias"_a = true, "router_hidden"_a = 128, "seed"_a.none() = 0, "threads"_a = nb::none(),
-          "pool"_a = nb::none(), "weight_storage"_a = "f32",
+          "pool"_a = nb::none(), "weight_storage"_a = "f32", "infer_precision"_a = "exact",
           "Builds a layer. policy: 'top_k' (options k, renormalize), 'dynamic_k' (tau, k_max, router_hidden) or\n"
           "'top_any' (training). activation: relu, gelu_erf, gelu_tanh, silu, swiglu, geglu. Weights are\n"
           "randomized from `seed` (None: all zero). threads: a pool of its own; pool: a shared ThreadPool;\n"
-          "neither: the module's default pool (one thread per core). weight_storage: see the property.")
+          "neither: the module's default pool (one thread per core). weight_storage, infer_precision: see the\n"
+          "properties.")
       .def_prop_ro("policy", [](const py_layer& l) { return std::string(l.impl->policy()); })
       .def_prop_ro("activation", [](const py_layer& l) { return std::string(l.impl->activation()); })
       .def_prop_ro("d_model", [](const py_layer& l) { return l.cfg().d_model; })
@@ -636,6 +648,16 @@ NB_MODULE(_core, m) {
           "format the kernels read copies rounded to nearest even (half the bytes per token) and accumulate in\n"
           "float32: results are exactly those of a float32 layer holding the rounded W1, W2. The parameters\n"
           "stay float32 (the master copy optimizers update); gradients are float32.")
+      .def_prop_rw(
+          "infer_precision", [](const py_layer& l) { return std::string(dmoe::to_string(l.impl->infer_precision())); },
+          [](py_layer& l, const std::string& s) { l.impl->set_infer_precision(parse_precision(s)); },
+          "What infer() may compute with: 'exact' (default: forward's bits) or 'bf16'. With 'bf16', on a CPU with\n"
+          "bf16 matrix tiles (Intel AMX: dmoe.cpu_has_bf16_tiles()), infer rounds the expert inputs, hidden\n"
+          "activations and W1, W2 to bfloat16 and multiplies on the tiles in float32: about bf16's precision\n"
+          "from forward's result, several times faster at large batches, still deterministic and independent\n"
+          "of the batch. Elsewhere infer stays exact. forward and backward are unaffected.")
+      .def_prop_ro("infer_on_bf16_tiles", [](const py_layer& l) { return l.impl->infer_uses_bf16_tiles(); },
+                   "Whether infer() runs on bf16 tiles now (infer_precision 'bf16' on a CPU that has them).")
       .def_prop_ro("threads", &py_layer::threads, "Threads the layer's calls run on.")
       .def_prop_ro("max_k", [](const py_layer& l) { return l.impl->max_k(); }, "Most experts one token can get.")
       .def_prop_ro("flops_per_slot", [](const py_layer& l) { return l.impl->flops_per_slot(); })
@@ -1166,6 +1188,9 @@ NB_MODULE(_core, m) {
           },
           "R_S: sum of the inputs that fired nothing (float64, zero-copy: all-reduce it in place).");
 
+  m.def("cpu_has_bf16_tiles", [] { return dmoe::cpu_has_bf16_tiles(); },
+        "Whether this CPU runs MoELayer.infer_precision = 'bf16' on bf16 matrix tiles (Intel AMX-BF16, granted\n"
+        "by the OS); elsewhere that setting leaves infer exact.");
   m.def(
       "activation_sparsity",
       [](nb::handle a, const std::string& kind) {

@@ -238,6 +238,36 @@ def test_weight_storage_is_the_rounded_float32_layer(storage, policy, tmp_path):
     assert layer.weight_storage == storage
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_infer_precision_bf16(policy):
+    layer, x = make(policy, "swiglu", 23)
+    assert layer.infer_precision == "exact"
+    y_fwd = layer.forward(x).copy()
+    layer.infer_precision = "bf16"
+    assert layer.infer_precision == "bf16"
+    assert layer.infer_on_bf16_tiles == dmoe.cpu_has_bf16_tiles()
+    y = layer.infer(x).copy()
+    np.testing.assert_array_equal(layer.forward(x), y_fwd)  # forward is unaffected
+    if not dmoe.cpu_has_bf16_tiles():
+        np.testing.assert_array_equal(y, y_fwd)  # a permission not taken: infer stays exact
+    else:
+        assert not np.array_equal(y, y_fwd)  # the operands were rounded
+        # About bf16's precision from the float result, relative to the output's scale.
+        scale = np.abs(y_fwd).max() + 1e-6
+        assert np.abs(y - y_fwd).max() <= 0.05 * scale
+        # Deterministic and independent of the batch: each row alone gives its bits.
+        for t in (0, x.shape[0] // 2, x.shape[0] - 1):
+            np.testing.assert_array_equal(layer.infer(x[t : t + 1]), y[t : t + 1])
+    layer.infer_precision = "exact"
+    np.testing.assert_array_equal(layer.infer(x), y_fwd)
+    built = dmoe.MoELayer(8, 4, 4, infer_precision="bf16")
+    assert built.infer_precision == "bf16"
+    with pytest.raises(ValueError, match="infer_precision must be 'exact' or 'bf16', got 'fp8'"):
+        layer.infer_precision = "fp8"
+    with pytest.raises(ValueError, match="infer_precision must be"):
+        dmoe.MoELayer(8, 4, 4, infer_precision="half")
+
+
 class _Meta:
     """An object that is not an array."""
 
