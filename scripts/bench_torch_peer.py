@@ -21,6 +21,12 @@ highest-scoring (token, expert) pairs overall. As in bench_forward's OpenBLAS lo
 router is not in the timed region (dmoe's time includes its router). Each case: warm-up, then
 the best of --repetitions means over >= --min-time seconds each.
 
+--runs picks other dmoe runs than moe_* (infer_*: dmoe's inference path), --dtype bfloat16 runs
+the loop on bf16 weights and activations (the peer of dmoe's infer_top_k_bf16_tiles, both on AMX
+where the CPU has it):
+
+    python3 scripts/bench_torch_peer.py --runs infer_top_k_bf16_tiles --dtype bfloat16 fwd.json
+
 Prints a Markdown table: dmoe's time (the JSON's --stat aggregate, else the mean), the PyTorch
 time, and torch / dmoe (> 1: dmoe is faster). Needs torch; without it, says how to install it and
 exits with status 2.
@@ -50,11 +56,18 @@ def parse_args(argv):
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timed repetition (default 0.3)")
     ap.add_argument("--repetitions", type=int, default=3, help="timed repetitions per case; best is kept (default 3)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the PyTorch weights, inputs and router")
+    ap.add_argument("--runs", default="moe_",
+                    help="prefix of the dmoe run names to compare (default moe_; e.g. infer_, or "
+                         "infer_top_k_bf16_tiles with --dtype bfloat16)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the PyTorch loop's weights and activations (bfloat16: as after model.bfloat16(); "
+                         "PyTorch then runs oneDNN's bf16 kernels, AMX where the CPU has it)")
     return ap.parse_args(argv)
 
 
-def load_cases(path, stat, pattern):
-    """moe_* runs of the file: one record per run name with its time, counters and arguments."""
+def load_cases(path, stat, pattern, prefix="moe_"):
+    """Runs of the file whose names start with `prefix`: one record per run name with its time,
+    counters and arguments."""
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
     ctx = data.get("context", {})
@@ -63,7 +76,8 @@ def load_cases(path, stat, pattern):
         groups.setdefault(e.get("run_name", e["name"]), []).append(e)
     cases = []
     for name, group in groups.items():
-        if not name.startswith("moe_") or (pattern and not re.search(pattern, name)):
+        policy = re.search(r"(top_k|dynamic_k|top_any)", name.split("/")[0])
+        if not name.startswith(prefix) or not policy or (pattern and not re.search(pattern, name)):
             continue
         if any(e.get("error_occurred") for e in group):
             continue
@@ -79,7 +93,7 @@ def load_cases(path, stat, pattern):
                 args[m.group(1)] = int(m.group(2))
         if "tokens" not in args or "threads" not in args:
             continue
-        cases.append({"name": name, "policy": name.split("/")[0][len("moe_"):], "t_ms": t_ms, "args": args,
+        cases.append({"name": name, "policy": policy.group(1), "t_ms": t_ms, "args": args,
                       "mean_k": src[0].get("mean_k"), "f": src[0].get("f"), "how": stat if agg else "mean"})
     return ctx, cases
 
@@ -133,6 +147,13 @@ class TorchMoE:
             w.view(-1)[idx] = val
         return w
 
+    def to(self, dtype):
+        """The weights in `dtype` (the router stays float32: routing is done before the loop)."""
+        self.w1 = [t.to(dtype) for t in self.w1]
+        self.b1 = [t.to(dtype) for t in self.b1]
+        self.w2 = [t.to(dtype) for t in self.w2]
+        self.b2 = self.b2.to(dtype)
+
     def forward(self, x, w):
         torch = self.torch
         F = torch.nn.functional
@@ -181,22 +202,26 @@ def main(argv=None):
               "  smaller CPU-only wheels, which are all this script needs)", file=sys.stderr)
         return 2
     try:
-        ctx, cases = load_cases(args.json, args.stat, args.filter)
+        ctx, cases = load_cases(args.json, args.stat, args.filter, args.runs)
     except (OSError, json.JSONDecodeError) as exc:
         print(f"bench_torch_peer.py: cannot read {args.json}: {exc}", file=sys.stderr)
         return 2
     if not cases:
-        print(f"bench_torch_peer.py: no moe_* runs in {args.json} (filter {args.filter!r})", file=sys.stderr)
+        print(f"bench_torch_peer.py: no {args.runs}* runs in {args.json} (filter {args.filter!r})", file=sys.stderr)
         return 1
     shape_name, (d, experts, width, act) = shape_of(ctx, args.json)
     torch.manual_seed(args.seed)
     model = TorchMoE(torch, d, experts, width, act, args.seed)
     max_tokens = max(c["args"]["tokens"] for c in cases)
     x_all = torch.randn((max_tokens, d), generator=model.gen)
+    dtype = getattr(torch, args.dtype)
+    if dtype != torch.float32:
+        model.to(dtype)
 
     print(f"<!-- dmoe: {args.json} ({ctx.get('date', '?')}, {ctx.get('host_name', '?')}); "
           f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}; "
-          f"shape {shape_name}: d {d}, {experts} experts x {width}, {act}; best of {args.repetitions} x "
+          f"shape {shape_name}: d {d}, {experts} experts x {width}, {act}; torch loop in {args.dtype}; "
+          f"dmoe runs {args.runs}*; best of {args.repetitions} x "
           f">= {args.min_time} s -->")
     print("| policy | tokens | threads | setting | mean k | t_dmoe ms | t_torch ms | torch / dmoe |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -209,6 +234,8 @@ def main(argv=None):
             torch.set_num_threads(threads)
             x = x_all[:tokens].contiguous()
             w = model.routing(x, slots, top_k=(c["policy"] == "top_k"))
+            if dtype != torch.float32:
+                x, w = x.to(dtype), w.to(dtype)
             t_torch = time_case(lambda: model.forward(x, w), args.min_time, args.repetitions)
             setting = f"k={a['k']}" if "k" in a else (f"f={a['f_pct'] / 100:.2f}" if "f_pct" in a else "")
             print(f"| {c['policy']} | {tokens} | {threads} | {setting} | {mean_k:.2f} | {fmt_ms(c['t_ms'])} | "

@@ -83,3 +83,29 @@ def test_bench_train_step_check_detects_a_different_function(monkeypatch):
     monkeypatch.setattr(bts.LoopMoE, "__init__", wrong_init)
     _, bad = bts.check_same_function(12, 6, 5, 2, 37, threads=1, tol=1e-4)
     assert "y" in bad and "dx" in bad
+
+
+@pytest.mark.parametrize("runs, dtype", [("moe_", "float32"), ("infer_top_k_bf16_tiles", "bfloat16")])
+def test_bench_torch_peer_smoke(tmp_path, runs, dtype):
+    """scripts/bench_torch_peer.py on a hand-made benchmark JSON: picks the runs named by --runs
+    (not the others), times the loop in --dtype and prints one row per run."""
+    name = runs if runs != "moe_" else "moe_top_k"
+    fake = {
+        "context": {"dmoe_shape": "S: d 768, 24 experts x 128, relu", "date": "now", "host_name": "test"},
+        "benchmarks": [
+            {"name": f"{name}/tokens:{t}/threads:1/k:2/real_time", "run_name": f"{name}/tokens:{t}/threads:1/k:2/real_time",
+             "run_type": "iteration", "real_time": 1000.0, "time_unit": "us", "mean_k": 2.0}
+            for t in (1, 4)
+        ] + [{"name": "infer_top_k/tokens:4/threads:1/k:2/real_time", "run_type": "iteration", "real_time": 5.0,
+              "time_unit": "us", "mean_k": 2.0}],
+    }
+    path = tmp_path / "fwd.json"
+    path.write_text(json.dumps(fake))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_torch_peer.py"), "--runs", runs, "--dtype", dtype,
+                        "--min-time", "0.001", "--repetitions", "1", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| top_k")]
+    assert [row.split("|")[2].strip() for row in rows] == ["1", "4"]
+    assert f"torch loop in {dtype}" in r.stdout
+    assert all(row.split("|")[6].strip() == "1.00" for row in rows)  # dmoe's time, from the JSON
