@@ -11,6 +11,10 @@
 ///   bench_kernels --benchmark_filter=cold     the chosen tile when every call finds another expert's
 ///                                             panels (24 experts, as in a layer: they come from L3
 ///                                             or memory, not L2)
+///   bench_kernels --benchmark_filter=bf16     where the CPU has AMX-BF16: infer's tile product
+///                                             (amx_kernels.hpp) at the expert shapes, and the peak
+///                                             of tdpbf16ps and of vdpbf16ps against fp32 FMA
+///                                             (docs/design.md, "bf16 tiles for inference")
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -18,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include <dmoe/cpu/detail/amx_kernels.hpp>
 #include <dmoe/cpu/detail/panel_kernels.hpp>
 #include <dmoe/detail/random.hpp>
 
@@ -132,6 +137,91 @@ void cold_chosen(benchmark::State& st) {
   st.SetLabel(std::string(dmoe::to_string(isa)));
 }
 
+#if DMOE_HAVE_AMX_KERNELS
+/// infer's bf16 tile product (amx_product) at an expert's shape: A rows already in bf16, as infer
+/// gathers them; GFLOP/s against the fp32 FMA probe (pct_peak above 100: faster than fp32 can be).
+void tiles_bf16(benchmark::State& st) {
+  const index_t m = st.range(0), N = st.range(1), K = st.range(2);
+  const index_t kp = cb::round_up(K, cb::amx_k_chunk), mp = cb::round_up(m, cb::amx_rows), ldc = cb::round_up(N, 16);
+  dmoe::detail::rng rng(7);
+  std::vector<float> w(std::size_t(K * N)), x(std::size_t(m * K)), bias(std::size_t(ldc), 0.5f);
+  for (auto& v : w) v = float(rng.uniform() - 0.5);
+  for (auto& v : x) v = float(rng.uniform() - 0.5);
+  std::vector<cb::bf16_t> b(std::size_t(cb::amx_packed_elems(K, N))), a(std::size_t(mp * kp));
+  cb::amx_pack_b(K, N, w.data(), N, 1, b.data());  // w row-major K x N
+  cb::amx_narrow_rows(x.data(), K, nullptr, m, K, kp, a.data());
+  std::vector<float> c(std::size_t(mp * ldc));
+  cb::amx_begin();
+  for (auto _ : st) {
+    cb::amx_product(mp / cb::amx_rows, N, kp / cb::amx_k_chunk, a.data(), kp, b.data(), bias.data(), c.data(), ldc);
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  cb::amx_end();
+  const double flops = 2.0 * double(m) * double(N) * double(K);
+  st.counters["GFLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["pct_peak"] = benchmark::Counter(flops * 100.0 / (dmoe_bench::probe().fma_peak(1) * 1e9),
+                                               benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// The instructions' own peaks on one core, operands in registers: tdpbf16ps into 4 independent
+/// 16 x 16 accumulator tiles, and vdpbf16ps (AVX512-BF16) into 12 independent zmm chains.
+__attribute__((target("amx-tile,amx-bf16"))) void peak_tdpbf16ps(benchmark::State& st) {
+  std::vector<std::uint16_t> ab(16 * 32, 0x3c00);  // bf16 2^-7: the sums stay finite
+  cb::amx_begin();
+  _tile_loadd(4, ab.data(), 64);
+  _tile_loadd(5, ab.data(), 64);
+  _tile_loadd(6, ab.data(), 64);
+  _tile_loadd(7, ab.data(), 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  constexpr int reps = 1000;
+  for (auto _ : st)
+    for (int i = 0; i < reps; ++i) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  std::vector<float> out(256);
+  _tile_stored(0, out.data(), 64);
+  cb::amx_end();
+  benchmark::DoNotOptimize(out.data());
+  st.counters["GFLOP/s"] = benchmark::Counter(reps * 4.0 * 16 * 16 * 32 * 2, benchmark::Counter::kIsIterationInvariantRate);
+}
+__attribute__((target("avx512f,avx512bf16"))) void peak_vdpbf16ps(benchmark::State& st) {
+  __m512 acc[12];
+  for (auto& v : acc) v = _mm512_setzero_ps();
+  const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3c003c00);
+  constexpr int reps = 1000;
+  for (auto _ : st)
+    for (int i = 0; i < reps; ++i) {
+      for (auto& v : acc) v = _mm512_dpbf16_ps(v, a, a);
+      benchmark::DoNotOptimize(acc[0]);
+    }
+  alignas(64) float lanes[12][16];
+  for (int j = 0; j < 12; ++j) _mm512_store_ps(lanes[j], acc[j]);
+  benchmark::DoNotOptimize(lanes);
+  st.counters["GFLOP/s"] = benchmark::Counter(reps * 12.0 * 64, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["vs_fma_probe"] =
+      benchmark::Counter(reps * 12.0 * 64 / (dmoe_bench::probe().fma_peak(1) * 1e9), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// Registered only where they run (a CPU without AMX-BF16 lists none of them).
+void register_bf16() {
+  if (!dmoe::cpu_has_bf16_tiles()) return;
+  for (auto shape : {std::vector<std::int64_t>{128, 128, 768}, std::vector<std::int64_t>{128, 768, 128},
+                     std::vector<std::int64_t>{32, 768, 128}})
+    benchmark::RegisterBenchmark("bf16/tiles", tiles_bf16)->Args(shape);
+  benchmark::RegisterBenchmark("bf16/peak/tdpbf16ps", peak_tdpbf16ps);
+  benchmark::RegisterBenchmark("bf16/peak/vdpbf16ps", peak_vdpbf16ps);
+}
+#else
+void register_bf16() {}
+#endif
+
 // Shapes of one expert of shape S (d 768, width 128) at 128 rows (512 tokens, f = 0.25):
 // the first product (K = 768 -> N = 128) and the second (K = 128 -> N = 768).
 void expert_shapes(benchmark::internal::Benchmark* b) {
@@ -171,6 +261,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&n, args.data());
   if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
   dmoe_bench::add_limits_context(dmoe_bench::probe());
+  register_bf16();
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;
