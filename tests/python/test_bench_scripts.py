@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: MIT
 """Smoke runs of the Python benchmarks in bench/python (docs/python.md, "Benchmarks"): a tiny
 shape, a few repetitions, so that CI keeps the scripts, their C++ program and their
-same-function checks working. No timing is asserted (the figures of a smoke run mean nothing)."""
+same-function checks working. No timing is asserted (the figures of a smoke run mean nothing).
+And scripts/bench_ggml_peer.py's logic on a fake peer (ggml is not built in CI)."""
 import json
 import subprocess
 import sys
@@ -109,3 +110,66 @@ def test_bench_torch_peer_smoke(tmp_path, runs, dtype):
     assert [row.split("|")[2].strip() for row in rows] == ["1", "4"]
     assert f"torch loop in {dtype}" in r.stdout
     assert all(row.split("|")[6].strip() == "1.00" for row in rows)  # dmoe's time, from the JSON
+
+
+GGML_FAKE = """#!{python}
+# Stands in for bench/ggml's dmoe_ggml_moe: logs its arguments, answers 2.0, 1.0, 3.0 ms in turn.
+import json, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as fh:
+    fh.write(" ".join(args) + "\\n")
+    fh.flush()
+with open({log!r}) as fh:
+    calls = len(fh.readlines())
+opt = dict(zip(args[::2], args[1::2]))
+if opt.get("--tokens") == "999":
+    sys.exit("fake peer: refused")
+print(json.dumps({{"best_ms": [2.0, 1.0, 3.0][(calls - 1) % 3], "tokens": int(opt["--tokens"])}}))
+"""
+
+
+def bench_json(path, runs):
+    """A bench_forward-shaped JSON: one min aggregate per (name, ms)."""
+    data = {"context": {"dmoe_shape": "S: d_model 768, 24 experts x 128 (dense hidden 3072), relu, fp32"},
+            "benchmarks": [{"name": n, "run_name": n, "run_type": "aggregate", "aggregate_name": "min",
+                            "real_time": ms * 1e6, "time_unit": "ns"} for n, ms in runs]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_bench_ggml_peer_table(tmp_path):
+    """scripts/bench_ggml_peer.py on a fake peer (ggml itself is not built in CI): which cases it
+    runs, with which arguments, best and slowest of the processes, the check on the first only."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "fake_peer"
+    fake.write_text(GGML_FAKE.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    js = bench_json(tmp_path / "fwd.json", [
+        ("infer_top_k_bf16/tokens:1/threads:2/k:6/real_time", 0.5),
+        ("infer_top_k/tokens:8/threads:1/k:6/real_time", 0.25),
+        ("infer_dynamic_k/tokens:8/threads:1/f_pct:25/real_time", 0.3),  # not a top-k run: not compared
+        ("moe_top_k/tokens:8/threads:1/k:6/real_time", 0.4),  # another --runs prefix
+    ])
+    script = ROOT / "scripts" / "bench_ggml_peer.py"
+    r = subprocess.run([sys.executable, str(script), "--ggml", str(fake), "--stat", "min", str(js)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| infer")]
+    # grouped by run, then tokens descending; the fake's best of (2, 1, 3) is 1 ms, its slowest 3 ms
+    assert rows == ["| infer_top_k | 8 | 1 | 6 | 0.250 | f32 | 1.00 (3.00) | 4.00 |",
+                    "| infer_top_k_bf16 | 1 | 2 | 6 | 0.500 | bf16 | 1.00 (3.00) | 2.00 |"]
+    calls = log.read_text().splitlines()
+    assert len(calls) == 6  # 3 processes per case
+    assert [c.endswith("--check") for c in calls] == [True, False, False] * 2
+    assert all("--d 768 --experts 24 --width 128 --act relu --k 6" in c for c in calls)
+    assert "--tokens 8 --threads 1" in calls[0] and "--type f32" in calls[0]
+    assert "--tokens 1 --threads 2" in calls[3] and "--type bf16" in calls[3]
+
+    # A failing peer stops the table with its message; a missing one says how to build it.
+    bad = bench_json(tmp_path / "bad.json", [("infer_top_k/tokens:999/threads:1/k:6/real_time", 1.0)])
+    r = subprocess.run([sys.executable, str(script), "--ggml", str(fake), "--stat", "min", str(bad)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "fake peer: refused" in r.stderr
+    r = subprocess.run([sys.executable, str(script), "--ggml", str(tmp_path / "none"), str(js)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "bench_ggml_peer.sh" in r.stderr
